@@ -1,0 +1,19 @@
+"""sam_jax: Segment Anything in JAX/Flax."""
+
+from sam_jax.checkpoint import load_sam, save_params
+from sam_jax.configs import CONFIGS, ImageEncoderConfig, SamConfig, get_config
+from sam_jax.errors import CheckpointError
+from sam_jax.modeling import Sam, postprocess_masks, preprocess
+
+__all__ = [
+    "CONFIGS",
+    "CheckpointError",
+    "ImageEncoderConfig",
+    "Sam",
+    "SamConfig",
+    "get_config",
+    "load_sam",
+    "postprocess_masks",
+    "preprocess",
+    "save_params",
+]

@@ -1,0 +1,17 @@
+"""Flax modules equal in function to `segment_anything.modeling`."""
+
+from sam_jax.modeling.image_encoder import ImageEncoderViT
+from sam_jax.modeling.mask_decoder import MaskDecoder
+from sam_jax.modeling.prompt_encoder import PromptEncoder
+from sam_jax.modeling.sam import Sam, postprocess_masks, preprocess
+from sam_jax.modeling.transformer import TwoWayTransformer
+
+__all__ = [
+    "ImageEncoderViT",
+    "MaskDecoder",
+    "PromptEncoder",
+    "Sam",
+    "TwoWayTransformer",
+    "postprocess_masks",
+    "preprocess",
+]

@@ -1,0 +1,246 @@
+"""The ViT image encoder (`segment_anything.modeling.image_encoder`), channels-last.
+
+Windowed attention (14x14, grid zero-padded to a multiple of the window)
+everywhere but the configured global blocks, decomposed relative position
+bias, exact GELU, and a conv neck to the 256-channel embedding.
+
+Parameter names follow the PyTorch state_dict (`blocks.3.attn.qkv.weight` ->
+`blocks_3/attn/qkv/kernel`), so conversion is a rename plus transposes. With
+`scan_blocks` the blocks run as `nn.scan` over groups of `blocks_per_group`
+(windowed blocks then one global block), and their params are stacked under
+`block_groups/blocks_{j}` with a leading group axis; `sam_jax.param_layout`
+converts between the two layouts.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sam_jax.configs import ImageEncoderConfig
+from sam_jax.modeling.common import Dtype, LayerNorm, MLPBlock, softmax_fp32
+from sam_jax.modeling.interpolate import resize_linear
+
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
+    """Relative position embeddings for every (query, key) pair along one axis.
+
+    Args:
+      rel_pos: (L, C) table; linearly resized to 2 * max(q_size, k_size) - 1
+        rows when L differs (a model run at another resolution).
+    Returns:
+      (q_size, k_size, C).
+    """
+    max_rel_dist = 2 * max(q_size, k_size) - 1
+    rel_pos = resize_linear(rel_pos, max_rel_dist, axis=0)
+    # Index arithmetic in fp32 exactly as PyTorch does it, so that truncation
+    # picks the same rows when q_size != k_size.
+    q_scale = np.float32(max(k_size / q_size, 1.0))
+    k_scale = np.float32(max(q_size / k_size, 1.0))
+    q_coords = np.arange(q_size, dtype=np.float32)[:, None] * q_scale
+    k_coords = np.arange(k_size, dtype=np.float32)[None, :] * k_scale
+    relative = (q_coords - k_coords) + np.float32((k_size - 1) * max(q_size / k_size, 1.0))
+    return rel_pos[relative.astype(np.int64)]
+
+
+def window_partition(x: jax.Array, window_size: int) -> tuple[jax.Array, tuple[int, int]]:
+    """(B, H, W, C) -> (B * nWin, ws, ws, C), zero-padding H by pad_h and W by pad_w."""
+    b, h, w, c = x.shape
+    pad_h = (window_size - h % window_size) % window_size
+    pad_w = (window_size - w % window_size) % window_size
+    x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.reshape(b, hp // window_size, window_size, wp // window_size, window_size, c)
+    windows = x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
+    return windows, (hp, wp)
+
+
+def window_unpartition(
+    windows: jax.Array, window_size: int, pad_hw: tuple[int, int], hw: tuple[int, int]
+) -> jax.Array:
+    """(B * nWin, ws, ws, C) -> (B, H, W, C), dropping the padding."""
+    hp, wp = pad_hw
+    h, w = hw
+    b = windows.shape[0] // ((hp // window_size) * (wp // window_size))
+    x = windows.reshape(b, hp // window_size, wp // window_size, window_size, window_size, -1)
+    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
+    return x[:, :h, :w, :]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over a (B, H, W, C) grid with decomposed rel-pos bias."""
+
+    num_heads: int
+    input_size: tuple[int, int]  # grid the rel-pos tables are sized for
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        head_dim = c // self.num_heads
+        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        qkv = dense(3 * c, "qkv")(x).reshape(b, h * w, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim)
+
+        logits = jnp.einsum(
+            "bqnd,bknd->bnqk", q * head_dim**-0.5, k, preferred_element_type=jnp.float32
+        )
+        rel_pos_h = self.param(
+            "rel_pos_h", nn.initializers.zeros, (2 * self.input_size[0] - 1, head_dim), self.param_dtype
+        )
+        rel_pos_w = self.param(
+            "rel_pos_w", nn.initializers.zeros, (2 * self.input_size[1] - 1, head_dim), self.param_dtype
+        )
+        # Decomposed relative positions use the unscaled query, as the original does.
+        r_q = q.reshape(b, h, w, self.num_heads, head_dim)
+        rel_h = jnp.einsum(
+            "bhwnc,hkc->bnhwk", r_q, get_rel_pos(h, h, rel_pos_h.astype(self.dtype)),
+            preferred_element_type=jnp.float32,
+        )
+        rel_w = jnp.einsum(
+            "bhwnc,wkc->bnhwk", r_q, get_rel_pos(w, w, rel_pos_w.astype(self.dtype)),
+            preferred_element_type=jnp.float32,
+        )
+        logits = logits.reshape(b, self.num_heads, h, w, h, w)
+        logits = logits + rel_h[:, :, :, :, :, None] + rel_w[:, :, :, :, None, :]
+        attn = softmax_fp32(logits.reshape(b, self.num_heads, h * w, h * w), self.dtype)
+
+        out = jnp.einsum("bnqk,bknd->bqnd", attn, v).reshape(b, h, w, c)
+        return dense(c, "proj")(out)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; windowed attention unless `window_size` is 0."""
+
+    num_heads: int
+    mlp_ratio: float
+    window_size: int
+    input_size: tuple[int, int]  # token grid of the full image
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        shortcut = x
+        x = LayerNorm(name="norm1", **kw)(x)
+        h, w = x.shape[1:3]
+        if self.window_size > 0:
+            x, pad_hw = window_partition(x, self.window_size)
+        attn_size = (self.window_size,) * 2 if self.window_size > 0 else self.input_size
+        x = Attention(self.num_heads, attn_size, name="attn", **kw)(x)
+        if self.window_size > 0:
+            x = window_unpartition(x, self.window_size, pad_hw, (h, w))
+        x = shortcut + x
+        mlp = MLPBlock(int(x.shape[-1] * self.mlp_ratio), name="mlp", **kw)
+        return x + mlp(LayerNorm(name="norm2", **kw)(x))
+
+
+class BlockGroup(nn.Module):
+    """`blocks_per_group` blocks: windowed ones, then one global; the unit `nn.scan` repeats."""
+
+    config: ImageEncoderConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _) -> tuple[jax.Array, None]:
+        cfg = self.config
+        g = cfg.blocks_per_group
+        for j in range(g):
+            x = Block(
+                cfg.num_heads,
+                cfg.mlp_ratio,
+                window_size=0 if j == g - 1 else cfg.window_size,
+                input_size=(cfg.grid_size, cfg.grid_size),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"blocks_{j}",
+            )(x)
+        return x, None
+
+
+class PatchEmbed(nn.Module):
+    """(B, S, S, 3) -> (B, S/p, S/p, embed_dim): a p x p conv with stride p."""
+
+    embed_dim: int
+    patch_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        p = self.patch_size
+        return nn.Conv(
+            self.embed_dim, (p, p), strides=(p, p), padding="VALID",
+            dtype=self.dtype, param_dtype=self.param_dtype, name="proj",
+        )(x.astype(self.dtype))
+
+
+class ImageEncoderViT(nn.Module):
+    """(B, S, S, 3) normalised, padded images -> (B, S/16, S/16, out_chans) embeddings."""
+
+    config: ImageEncoderConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan_blocks: bool = False  # nn.scan over block groups (stacked params)
+    remat_policy: Optional[str] = None  # a REMAT_POLICIES key: rematerialise each block/group
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if images.ndim != 4 or images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
+            raise ValueError(
+                f"image encoder expects (batch, {cfg.image_size}, {cfg.image_size}, 3) "
+                f"normalised, padded images; got shape {images.shape}"
+            )
+        x = PatchEmbed(cfg.embed_dim, cfg.patch_size, name="patch_embed", **kw)(images)
+        pos_embed = self.param(
+            "pos_embed", nn.initializers.zeros,
+            (1, cfg.grid_size, cfg.grid_size, cfg.embed_dim), self.param_dtype,
+        )
+        x = x + pos_embed.astype(self.dtype)
+
+        policy = REMAT_POLICIES[self.remat_policy] if self.remat_policy else None
+        if self.scan_blocks:
+            if not cfg.is_periodic():
+                raise ValueError(
+                    f"scan_blocks needs global blocks at every {cfg.blocks_per_group}th block; "
+                    f"got global_attn_indexes={cfg.global_attn_indexes} for depth {cfg.depth}"
+                )
+            group = nn.remat(BlockGroup, policy=policy) if policy else BlockGroup
+            scanned = nn.scan(
+                group,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=len(cfg.global_attn_indexes),
+            )
+            x, _ = scanned(cfg, name="block_groups", **kw)(x, None)
+        else:
+            block = nn.remat(Block, policy=policy) if policy else Block
+            for i in range(cfg.depth):
+                x = block(
+                    cfg.num_heads,
+                    cfg.mlp_ratio,
+                    window_size=0 if i in cfg.global_attn_indexes else cfg.window_size,
+                    input_size=(cfg.grid_size, cfg.grid_size),
+                    name=f"blocks_{i}",
+                    **kw,
+                )(x)
+
+        x = nn.Conv(cfg.out_chans, (1, 1), use_bias=False, name="neck_0", **kw)(x)
+        x = LayerNorm(name="neck_1", **kw)(x)
+        x = nn.Conv(cfg.out_chans, (3, 3), padding=1, use_bias=False, name="neck_2", **kw)(x)
+        return LayerNorm(name="neck_3", **kw)(x)

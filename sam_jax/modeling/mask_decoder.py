@@ -1,0 +1,101 @@
+"""The mask decoder (`segment_anything.modeling.mask_decoder`), channels-last.
+
+Output tokens (IoU token + 1 single-mask + 3 multimask tokens) are prepended
+to the prompt tokens; after the two-way transformer, the image keys are
+upscaled 4x by two stride-2 transposed convs and each mask token's
+hypernetwork MLP gives the weights of a dot product with the upscaled map.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sam_jax.modeling.common import MLP, Dtype, LayerNorm, gelu
+from sam_jax.modeling.transformer import TwoWayTransformer
+
+
+class MaskDecoder(nn.Module):
+    transformer_dim: int
+    transformer_depth: int = 2
+    transformer_num_heads: int = 8
+    transformer_mlp_dim: int = 2048
+    attention_downsample_rate: int = 2
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def num_mask_tokens(self) -> int:
+        return self.num_multimask_outputs + 1
+
+    @nn.compact
+    def __call__(
+        self,
+        image_embeddings: jax.Array,
+        image_pe: jax.Array,
+        sparse_prompt_embeddings: jax.Array,
+        dense_prompt_embeddings: jax.Array,
+        multimask_output: bool,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Predicts masks from image and prompt embeddings.
+
+        Args:
+          image_embeddings: (B, h, w, D), or (1, h, w, D) shared by all B prompts.
+          image_pe: (1, h, w, D).
+          sparse_prompt_embeddings: (B, N, D).
+          dense_prompt_embeddings: (B, h, w, D).
+          multimask_output: static; True returns tokens 1..3, False token 0.
+        Returns:
+          masks (B, C, 4h, 4w) logits and iou_pred (B, C), C = 3 or 1.
+        """
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        d = self.transformer_dim
+        embed = lambda n, name: nn.Embed(n, d, param_dtype=self.param_dtype, name=name)
+        b = sparse_prompt_embeddings.shape[0]
+
+        output_tokens = jnp.concatenate(
+            [embed(1, "iou_token").embedding, embed(self.num_mask_tokens, "mask_tokens").embedding]
+        ).astype(self.dtype)
+        output_tokens = jnp.broadcast_to(output_tokens, (b, *output_tokens.shape))
+        tokens = jnp.concatenate([output_tokens, sparse_prompt_embeddings.astype(self.dtype)], 1)
+
+        src = image_embeddings.astype(self.dtype) + dense_prompt_embeddings.astype(self.dtype)
+        pos_src = image_pe.astype(self.dtype)
+        hs, src = TwoWayTransformer(
+            self.transformer_depth,
+            self.transformer_num_heads,
+            self.transformer_mlp_dim,
+            self.attention_downsample_rate,
+            name="transformer",
+            **kw,
+        )(src, pos_src, tokens)
+        iou_token_out = hs[:, 0]
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
+
+        h, w = image_embeddings.shape[1:3]
+        up = lambda n, name: nn.ConvTranspose(
+            n, (2, 2), strides=(2, 2), padding="VALID", transpose_kernel=True, name=name, **kw
+        )
+        x = src.reshape(b, h, w, d)
+        x = gelu(LayerNorm(name="output_upscaling_1", **kw)(up(d // 4, "output_upscaling_0")(x)))
+        x = gelu(up(d // 8, "output_upscaling_3")(x))  # (B, 4h, 4w, D/8)
+
+        hyper_in = jnp.stack(
+            [
+                MLP(d, d // 8, 3, name=f"output_hypernetworks_mlps_{i}", **kw)(mask_tokens_out[:, i])
+                for i in range(self.num_mask_tokens)
+            ],
+            axis=1,
+        )  # (B, T, D/8)
+        masks = jnp.einsum("btc,bhwc->bthw", hyper_in, x)
+        iou_pred = MLP(
+            self.iou_head_hidden_dim, self.num_mask_tokens, self.iou_head_depth,
+            name="iou_prediction_head", **kw,
+        )(iou_token_out)
+
+        sl = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, sl], iou_pred[:, sl]

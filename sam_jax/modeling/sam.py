@@ -1,0 +1,131 @@
+"""`Sam`: image encoder + prompt encoder + mask decoder, with SAM's pre- and postprocessing.
+
+Images are channels-last (H, W, 3) RGB. `preprocess` normalises and zero-pads
+to the square encoder input; `postprocess_masks` upsamples the 4h x 4w mask
+logits to the encoder input size, crops the padding and resizes to the
+original image size, as `segment_anything.modeling.Sam` does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sam_jax.configs import SamConfig
+from sam_jax.modeling.common import Dtype
+from sam_jax.modeling.image_encoder import ImageEncoderViT
+from sam_jax.modeling.interpolate import resize_bilinear
+from sam_jax.modeling.mask_decoder import MaskDecoder
+from sam_jax.modeling.prompt_encoder import PromptEncoder
+
+
+class Sam(nn.Module):
+    config: SamConfig
+    dtype: Dtype = jnp.float32  # compute dtype; LayerNorm and softmax stay fp32
+    param_dtype: Dtype = jnp.float32
+    scan_blocks: bool = False  # encoder blocks under nn.scan (stacked param layout)
+    remat_policy: Optional[str] = None  # see image_encoder.REMAT_POLICIES
+
+    def setup(self):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.image_encoder = ImageEncoderViT(
+            cfg.encoder, scan_blocks=self.scan_blocks, remat_policy=self.remat_policy, **kw
+        )
+        self.prompt_encoder = PromptEncoder(
+            embed_dim=cfg.prompt_embed_dim,
+            image_embedding_size=(cfg.embedding_size, cfg.embedding_size),
+            input_image_size=(cfg.image_size, cfg.image_size),
+            mask_in_chans=cfg.mask_in_chans,
+            **kw,
+        )
+        self.mask_decoder = MaskDecoder(
+            transformer_dim=cfg.prompt_embed_dim,
+            transformer_depth=cfg.decoder_depth,
+            transformer_num_heads=cfg.decoder_num_heads,
+            transformer_mlp_dim=cfg.decoder_mlp_dim,
+            attention_downsample_rate=cfg.attention_downsample_rate,
+            num_multimask_outputs=cfg.num_multimask_outputs,
+            iou_head_depth=cfg.iou_head_depth,
+            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+            **kw,
+        )
+
+    def encode_image(self, images: jax.Array) -> jax.Array:
+        """(B, S, S, 3) preprocessed images -> (B, h, w, D) image embeddings."""
+        return self.image_encoder(images)
+
+    def decode(
+        self,
+        image_embeddings: jax.Array,
+        point_coords: Optional[jax.Array] = None,
+        point_labels: Optional[jax.Array] = None,
+        boxes: Optional[jax.Array] = None,
+        mask_inputs: Optional[jax.Array] = None,
+        multimask_output: bool = True,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Predicts low-res mask logits for B prompts on one image (or B images).
+
+        Args:
+          image_embeddings: (1 or B, h, w, D).
+          point_coords: (B, N, 2) (x, y) in the encoder input frame; with
+            point_labels (B, N): 1 foreground, 0 background, -1 not-a-point.
+          boxes: (B, 4) XYXY in the encoder input frame.
+          mask_inputs: (B, 1, 4h, 4w) mask logits from an earlier prediction.
+          multimask_output: static; 3 masks if True, else the single-mask token.
+        Returns:
+          low_res_logits (B, C, 4h, 4w) and iou_predictions (B, C).
+        """
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("point_coords and point_labels must be given together")
+        points = None if point_coords is None else (point_coords, point_labels)
+        sparse, dense = self.prompt_encoder(points, boxes, mask_inputs)
+        return self.mask_decoder(
+            image_embeddings,
+            self.prompt_encoder.get_dense_pe(),
+            sparse,
+            dense,
+            multimask_output,
+        )
+
+    def __call__(self, images, point_coords=None, point_labels=None, boxes=None,
+                 mask_inputs=None, multimask_output: bool = True):
+        """Encodes one preprocessed image (1, S, S, 3) and decodes B prompts on it."""
+        return self.decode(
+            self.encode_image(images), point_coords, point_labels, boxes, mask_inputs,
+            multimask_output,
+        )
+
+
+def preprocess(image: jax.Array, config: SamConfig) -> jax.Array:
+    """(H, W, 3) RGB image, H, W <= image_size -> (S, S, 3) normalised, zero-padded fp32."""
+    h, w = image.shape[:2]
+    s = config.image_size
+    if image.ndim != 3 or image.shape[2] != 3 or h > s or w > s:
+        raise ValueError(
+            f"expected an (H, W, 3) RGB image with H, W <= {s} (resize the longest side "
+            f"to {s} first); got shape {image.shape}"
+        )
+    mean = jnp.asarray(config.pixel_mean, jnp.float32)
+    std = jnp.asarray(config.pixel_std, jnp.float32)
+    x = (image.astype(jnp.float32) - mean) / std
+    return jnp.pad(x, ((0, s - h), (0, s - w), (0, 0)))
+
+
+def postprocess_masks(
+    masks: jax.Array,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    image_size: int,
+) -> jax.Array:
+    """(..., 4h, 4w) logits -> (..., *original_size) logits.
+
+    Bilinear (align_corners=False, no antialias) to image_size, crop to the
+    unpadded `input_size`, bilinear to `original_size` (H, W).
+    """
+    masks = resize_bilinear(masks, (image_size, image_size))
+    masks = masks[..., : input_size[0], : input_size[1]]
+    return resize_bilinear(masks, tuple(original_size))

@@ -1,0 +1,125 @@
+"""The official PyTorch SAM (`segment-anything` 1.0), importable without torchvision.
+
+`segment_anything/__init__.py` imports the automatic mask generator, which
+imports torchvision at import time, and torchvision has no CPU build here.
+The model itself (`segment_anything.modeling`) needs only torch, so this module
+registers a bare `segment_anything` package (no `__init__` executed) and
+imports `segment_anything.modeling` from the installed files, unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import sys
+import types
+
+import torch
+
+
+def _import_modeling():
+    if "segment_anything" not in sys.modules:
+        spec = importlib.util.find_spec("segment_anything")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("segment-anything is not installed: pip install segment-anything==1.0")
+        package = types.ModuleType("segment_anything")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        sys.modules["segment_anything"] = package
+    return importlib.import_module("segment_anything.modeling")
+
+
+modeling = _import_modeling()
+
+# The official configurations, as in `segment_anything/build_sam.py`.
+ENCODER_CONFIGS = {
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+}
+
+
+def build_official_sam(
+    embed_dim: int,
+    depth: int,
+    num_heads: int,
+    global_attn_indexes,
+    image_size: int = 1024,
+    patch_size: int = 16,
+    window_size: int = 14,
+    prompt_embed_dim: int = 256,
+    mask_in_chans: int = 16,
+    decoder_mlp_dim: int = 2048,
+    decoder_num_heads: int = 8,
+    decoder_depth: int = 2,
+    iou_head_hidden_dim: int = 256,
+) -> "modeling.Sam":
+    """Builds `modeling.Sam` exactly as `build_sam._build_sam` does, with every size a parameter.
+
+    With the defaults and an `ENCODER_CONFIGS` entry this is the released
+    model; smaller sizes give the tiny variants used by fast tests.
+    """
+    embedding_size = image_size // patch_size
+    sam = modeling.Sam(
+        image_encoder=modeling.ImageEncoderViT(
+            depth=depth,
+            embed_dim=embed_dim,
+            img_size=image_size,
+            mlp_ratio=4,
+            norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=num_heads,
+            patch_size=patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=tuple(global_attn_indexes),
+            window_size=window_size,
+            out_chans=prompt_embed_dim,
+        ),
+        prompt_encoder=modeling.PromptEncoder(
+            embed_dim=prompt_embed_dim,
+            image_embedding_size=(embedding_size, embedding_size),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=mask_in_chans,
+        ),
+        mask_decoder=modeling.MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=modeling.TwoWayTransformer(
+                depth=decoder_depth,
+                embedding_dim=prompt_embed_dim,
+                mlp_dim=decoder_mlp_dim,
+                num_heads=decoder_num_heads,
+            ),
+            transformer_dim=prompt_embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=iou_head_hidden_dim,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    return sam.eval()
+
+
+@torch.no_grad()
+def randomize_zero_initialised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Gives random values to the tensors the official init leaves constant.
+
+    A freshly built SAM has zero position embeddings and relative position
+    tables, and LayerNorms with weight 1 and bias 0; parity on those would not
+    notice a missing rel-pos term or a swapped LayerNorm scale and bias. This
+    perturbs them (and nothing else) with seeded noise of a realistic size.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def noise(tensor, scale):
+        return scale * torch.randn(tensor.shape, generator=generator)
+
+    for module in model.modules():
+        if isinstance(module, (torch.nn.LayerNorm, modeling.common.LayerNorm2d)):
+            module.weight.copy_(1.0 + noise(module.weight, 0.1))
+            module.bias.copy_(noise(module.bias, 0.05))
+        for leaf in ("rel_pos_h", "rel_pos_w", "pos_embed"):
+            tensor = module._parameters.get(leaf)
+            if tensor is not None:
+                tensor.copy_(noise(tensor, 0.02))
+    return model
