@@ -123,3 +123,20 @@ def randomize_zero_initialised(model: torch.nn.Module, seed: int) -> torch.nn.Mo
             if tensor is not None:
                 tensor.copy_(noise(tensor, 0.02))
     return model
+
+
+def build_official_for(config) -> "modeling.Sam":
+    """The official model with the sizes of a `sam_jax.SamConfig` (any registered variant)."""
+    e = config.encoder
+    return build_official_sam(
+        e.embed_dim, e.depth, e.num_heads, e.global_attn_indexes,
+        image_size=e.image_size, patch_size=e.patch_size, window_size=e.window_size,
+        prompt_embed_dim=config.prompt_embed_dim, mask_in_chans=config.mask_in_chans,
+        decoder_mlp_dim=config.decoder_mlp_dim, decoder_num_heads=config.decoder_num_heads,
+        decoder_depth=config.decoder_depth, iou_head_hidden_dim=config.iou_head_hidden_dim,
+    )
+
+
+def state_dict_numpy(model: torch.nn.Module) -> dict:
+    """The model's state_dict as numpy arrays (sharing memory with the tensors)."""
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}

@@ -197,50 +197,62 @@ class ImageEncoderViT(nn.Module):
     scan_blocks: bool = False  # nn.scan over block groups (stacked params)
     remat_policy: Optional[str] = None  # a REMAT_POLICIES key: rematerialise each block/group
 
-    @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def setup(self):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        if images.ndim != 4 or images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
-            raise ValueError(
-                f"image encoder expects (batch, {cfg.image_size}, {cfg.image_size}, 3) "
-                f"normalised, padded images; got shape {images.shape}"
-            )
-        x = PatchEmbed(cfg.embed_dim, cfg.patch_size, name="patch_embed", **kw)(images)
-        pos_embed = self.param(
+        self.patch_embed = PatchEmbed(cfg.embed_dim, cfg.patch_size, **kw)
+        self.pos_embed = self.param(
             "pos_embed", nn.initializers.zeros,
             (1, cfg.grid_size, cfg.grid_size, cfg.embed_dim), self.param_dtype,
         )
-        x = x + pos_embed.astype(self.dtype)
-
-        policy = REMAT_POLICIES[self.remat_policy] if self.remat_policy else None
+        if self.remat_policy is not None and self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat_policy {self.remat_policy!r}; choose from {sorted(REMAT_POLICIES)}")
+        policy = REMAT_POLICIES.get(self.remat_policy)
         if self.scan_blocks:
             if not cfg.is_periodic():
                 raise ValueError(
                     f"scan_blocks needs global blocks at every {cfg.blocks_per_group}th block; "
                     f"got global_attn_indexes={cfg.global_attn_indexes} for depth {cfg.depth}"
                 )
-            group = nn.remat(BlockGroup, policy=policy) if policy else BlockGroup
-            scanned = nn.scan(
+            group = nn.remat(BlockGroup, policy=policy) if self.remat_policy else BlockGroup
+            self.block_groups = nn.scan(
                 group,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
                 length=len(cfg.global_attn_indexes),
-            )
-            x, _ = scanned(cfg, name="block_groups", **kw)(x, None)
+            )(cfg, **kw)
         else:
-            block = nn.remat(Block, policy=policy) if policy else Block
-            for i in range(cfg.depth):
-                x = block(
+            block = nn.remat(Block, policy=policy) if self.remat_policy else Block
+            self.blocks = [
+                block(
                     cfg.num_heads,
                     cfg.mlp_ratio,
                     window_size=0 if i in cfg.global_attn_indexes else cfg.window_size,
                     input_size=(cfg.grid_size, cfg.grid_size),
-                    name=f"blocks_{i}",
                     **kw,
-                )(x)
+                )
+                for i in range(cfg.depth)
+            ]
+        self.neck_0 = nn.Conv(cfg.out_chans, (1, 1), use_bias=False, **kw)
+        self.neck_1 = LayerNorm(**kw)
+        self.neck_2 = nn.Conv(cfg.out_chans, (3, 3), padding=1, use_bias=False, **kw)
+        self.neck_3 = LayerNorm(**kw)
 
-        x = nn.Conv(cfg.out_chans, (1, 1), use_bias=False, name="neck_0", **kw)(x)
-        x = LayerNorm(name="neck_1", **kw)(x)
-        x = nn.Conv(cfg.out_chans, (3, 3), padding=1, use_bias=False, name="neck_2", **kw)(x)
-        return LayerNorm(name="neck_3", **kw)(x)
+    def neck(self, x: jax.Array) -> jax.Array:
+        """(B, h, w, embed_dim) -> (B, h, w, out_chans): 1x1 conv, LN, 3x3 conv, LN."""
+        return self.neck_3(self.neck_2(self.neck_1(self.neck_0(x))))
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        cfg = self.config
+        if images.ndim != 4 or images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
+            raise ValueError(
+                f"image encoder expects (batch, {cfg.image_size}, {cfg.image_size}, 3) "
+                f"normalised, padded images; got shape {images.shape}"
+            )
+        x = self.patch_embed(images) + self.pos_embed.astype(self.dtype)
+        if self.scan_blocks:
+            x, _ = self.block_groups(x, None)
+        else:
+            for block in self.blocks:
+                x = block(x)
+        return self.neck(x)
