@@ -34,7 +34,8 @@ def torch_key(flax_path: str) -> str:
     return ".".join(parts)
 
 
-def _to_flax(flax_path: str, tensor: np.ndarray) -> np.ndarray:
+def to_flax_array(flax_path: str, tensor: np.ndarray) -> np.ndarray:
+    """The official tensor for `flax_path`, in the Flax layout."""
     if flax_path.endswith("/kernel"):
         if tensor.ndim == 2:  # Linear (out, in) -> (in, out)
             return tensor.T
@@ -43,7 +44,8 @@ def _to_flax(flax_path: str, tensor: np.ndarray) -> np.ndarray:
     return tensor
 
 
-def _to_torch(flax_path: str, array: np.ndarray) -> np.ndarray:
+def to_torch_array(flax_path: str, array: np.ndarray) -> np.ndarray:
+    """Inverse of `to_flax_array`."""
     if flax_path.endswith("/kernel"):
         if array.ndim == 2:
             return array.T
@@ -107,11 +109,11 @@ def official_to_flax(
     for key, path in wanted.items():
         if key in missing:
             continue
-        array = _to_flax(path, np.asarray(state_dict[key]))
+        array = to_flax_array(path, np.asarray(state_dict[key]))
         if array.shape != expected[path].shape:
             problems.append(
                 f"{key} has shape {tuple(state_dict[key].shape)}, {config.name} needs "
-                f"{tuple(_to_torch(path, np.empty(expected[path].shape)).shape)}"
+                f"{tuple(to_torch_array(path, np.empty(expected[path].shape)).shape)}"
             )
             continue
         flat[path] = np.ascontiguousarray(array, dtype=np.float32)
@@ -122,4 +124,4 @@ def official_to_flax(
 
 def flax_to_official(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Looped-layout Flax params -> official state_dict (numpy), the inverse map."""
-    return {torch_key(p): np.asarray(_to_torch(p, np.asarray(a))) for p, a in flatten(params).items()}
+    return {torch_key(p): np.asarray(to_torch_array(p, np.asarray(a))) for p, a in flatten(params).items()}

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 sys.path.insert(0, os.path.dirname(__file__))  # official_sam, parity helpers
 
+import jax
 import numpy as np
 import pytest
 import torch
 
 import official_sam
-from checkpoints_convert.official import official_to_flax
-from sam_jax.configs import get_config
+from checkpoints_convert.official import official_to_flax, to_flax_array, torch_key
+from sam_jax.checkpoint import flatten, unflatten
+from sam_jax.configs import SamConfig, get_config
+from sam_jax.modeling import Sam
 
 
 def relative_error(actual, expected) -> float:
@@ -30,9 +34,9 @@ def report(name: str, error: float) -> None:
     print(f"[parity] {name}: relative L2 error {error:.2e}")
 
 
-def make_official(name: str, seed: int = 0):
+def make_official(config: "str | SamConfig", seed: int = 0):
     """(config, official torch model with every tensor random, converted Flax params)."""
-    config = get_config(name)
+    config = get_config(config) if isinstance(config, str) else config
     torch.manual_seed(seed)
     model = official_sam.build_official_for(config)
     official_sam.randomize_zero_initialised(model, seed + 1)
@@ -43,3 +47,27 @@ def make_official(name: str, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny():
     return make_official("vit_tiny")
+
+
+def with_depth(config: SamConfig, depth: int) -> SamConfig:
+    """`config` at full width with fewer blocks: windowed blocks, the last one global."""
+    encoder = dataclasses.replace(config.encoder, depth=depth, global_attn_indexes=(depth - 1,))
+    return dataclasses.replace(config, name=f"{config.name}_depth{depth}", encoder=encoder)
+
+
+def apply_submodule(config: SamConfig, params, fn, *args, **kwargs):
+    """Runs `fn(sam_module, *args)` inside `Sam(config)` bound to `params`."""
+    return Sam(config).apply({"params": params}, *args, method=fn, **kwargs)
+
+
+def to_torch(x) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x)))
+
+
+def convert_module_params(flax_module, torch_module: torch.nn.Module, *init_args) -> dict:
+    """Params for `flax_module` from an official submodule, by the converter's rule; strict."""
+    shapes = flatten(jax.eval_shape(flax_module.init, jax.random.PRNGKey(0), *init_args)["params"])
+    state_dict = torch_module.state_dict()
+    keys = {path: torch_key(path) for path in shapes}
+    assert sorted(keys.values()) == sorted(state_dict), "submodule keys do not correspond"
+    return unflatten({p: to_flax_array(p, state_dict[k].detach().numpy()) for p, k in keys.items()})

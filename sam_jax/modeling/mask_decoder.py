@@ -32,7 +32,29 @@ class MaskDecoder(nn.Module):
     def num_mask_tokens(self) -> int:
         return self.num_multimask_outputs + 1
 
-    @nn.compact
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        d = self.transformer_dim
+        self.iou_token = nn.Embed(1, d, param_dtype=self.param_dtype)
+        self.mask_tokens = nn.Embed(self.num_mask_tokens, d, param_dtype=self.param_dtype)
+        self.transformer = TwoWayTransformer(
+            self.transformer_depth,
+            self.transformer_num_heads,
+            self.transformer_mlp_dim,
+            self.attention_downsample_rate,
+            **kw,
+        )
+        up = lambda n: nn.ConvTranspose(
+            n, (2, 2), strides=(2, 2), padding="VALID", transpose_kernel=True, **kw
+        )
+        self.output_upscaling_0 = up(d // 4)
+        self.output_upscaling_1 = LayerNorm(**kw)
+        self.output_upscaling_3 = up(d // 8)
+        self.output_hypernetworks_mlps = [MLP(d, d // 8, 3, **kw) for _ in range(self.num_mask_tokens)]
+        self.iou_prediction_head = MLP(
+            self.iou_head_hidden_dim, self.num_mask_tokens, self.iou_head_depth, **kw
+        )
+
     def __call__(
         self,
         image_embeddings: jax.Array,
@@ -52,50 +74,34 @@ class MaskDecoder(nn.Module):
         Returns:
           masks (B, C, 4h, 4w) logits and iou_pred (B, C), C = 3 or 1.
         """
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        d = self.transformer_dim
-        embed = lambda n, name: nn.Embed(n, d, param_dtype=self.param_dtype, name=name)
-        b = sparse_prompt_embeddings.shape[0]
+        masks, iou_pred = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
+        sl = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, sl], iou_pred[:, sl]
 
+    def predict_masks(self, image_embeddings, image_pe, sparse_prompt_embeddings,
+                      dense_prompt_embeddings) -> tuple[jax.Array, jax.Array]:
+        """All 1 + num_multimask_outputs masks (B, T, 4h, 4w) and IoU predictions (B, T)."""
+        b = sparse_prompt_embeddings.shape[0]
         output_tokens = jnp.concatenate(
-            [embed(1, "iou_token").embedding, embed(self.num_mask_tokens, "mask_tokens").embedding]
+            [self.iou_token.embedding, self.mask_tokens.embedding]
         ).astype(self.dtype)
         output_tokens = jnp.broadcast_to(output_tokens, (b, *output_tokens.shape))
         tokens = jnp.concatenate([output_tokens, sparse_prompt_embeddings.astype(self.dtype)], 1)
 
         src = image_embeddings.astype(self.dtype) + dense_prompt_embeddings.astype(self.dtype)
-        pos_src = image_pe.astype(self.dtype)
-        hs, src = TwoWayTransformer(
-            self.transformer_depth,
-            self.transformer_num_heads,
-            self.transformer_mlp_dim,
-            self.attention_downsample_rate,
-            name="transformer",
-            **kw,
-        )(src, pos_src, tokens)
+        hs, src = self.transformer(src, image_pe.astype(self.dtype), tokens)
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
 
         h, w = image_embeddings.shape[1:3]
-        up = lambda n, name: nn.ConvTranspose(
-            n, (2, 2), strides=(2, 2), padding="VALID", transpose_kernel=True, name=name, **kw
-        )
-        x = src.reshape(b, h, w, d)
-        x = gelu(LayerNorm(name="output_upscaling_1", **kw)(up(d // 4, "output_upscaling_0")(x)))
-        x = gelu(up(d // 8, "output_upscaling_3")(x))  # (B, 4h, 4w, D/8)
-
+        x = src.reshape(b, h, w, self.transformer_dim)
+        x = gelu(self.output_upscaling_1(self.output_upscaling_0(x)))
+        x = gelu(self.output_upscaling_3(x))  # (B, 4h, 4w, D/8)
         hyper_in = jnp.stack(
-            [
-                MLP(d, d // 8, 3, name=f"output_hypernetworks_mlps_{i}", **kw)(mask_tokens_out[:, i])
-                for i in range(self.num_mask_tokens)
-            ],
+            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             axis=1,
         )  # (B, T, D/8)
         masks = jnp.einsum("btc,bhwc->bthw", hyper_in, x)
-        iou_pred = MLP(
-            self.iou_head_hidden_dim, self.num_mask_tokens, self.iou_head_depth,
-            name="iou_prediction_head", **kw,
-        )(iou_token_out)
-
-        sl = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, sl], iou_pred[:, sl]
+        return masks, self.iou_prediction_head(iou_token_out)
