@@ -110,7 +110,7 @@ def test_prompt_encoder(prompt_parts, kind):
     )
     ref_sparse, ref_dense = official_prompt_encoding(ref, coords, labels, boxes, masks)
     assert sparse.shape == tuple(ref_sparse.shape)
-    sparse_error = relative_error(sparse, ref_sparse) if sparse.size else 0.0
+    sparse_error = relative_error(sparse, ref_sparse)
     dense_error = relative_error(np.asarray(dense).transpose(0, 3, 1, 2), ref_dense)
     report(f"{name} prompt encoder {kind}: sparse", sparse_error)
     report(f"{name} prompt encoder {kind}: dense", dense_error)
