@@ -55,9 +55,12 @@ def convert_checkpoint(
     weights_file = resolve_weights_file(source)
     state_dict = load_state_dict(weights_file)
     kind = "huggingface" if is_huggingface_state_dict(state_dict) else "official"
-    if kind == "huggingface":
-        state_dict = huggingface_to_official(state_dict)
-    config = detect_config(state_dict)
+    try:
+        if kind == "huggingface":
+            state_dict = huggingface_to_official(state_dict)
+        config = detect_config(state_dict)
+    except CheckpointError as err:  # these name keys, not the file
+        raise CheckpointError(f"{weights_file}: {err}") from err
     if model_type is not None and model_type != config.name:
         e = config.encoder
         raise CheckpointError(

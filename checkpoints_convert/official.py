@@ -54,30 +54,33 @@ def to_torch_array(flax_path: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _shape(state_dict: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
+def _shape(state_dict: Mapping[str, np.ndarray], key: str, ndim: int) -> tuple[int, ...]:
     if key not in state_dict:
         raise CheckpointError(f"not a SAM checkpoint: no tensor {key!r}")
-    return tuple(state_dict[key].shape)
+    shape = tuple(state_dict[key].shape)
+    if len(shape) != ndim or 0 in shape:
+        raise CheckpointError(f"not a SAM checkpoint: tensor {key!r} has shape {shape}, not {ndim} nonzero dims")
+    return shape
 
 
 def detect_config(state_dict: Mapping[str, np.ndarray]) -> SamConfig:
     """The registered config whose shapes this official state_dict has."""
-    embed_dim, _, patch, _ = _shape(state_dict, "image_encoder.patch_embed.proj.weight")
-    grid = _shape(state_dict, "image_encoder.pos_embed")[1]
+    embed_dim, _, patch, _ = _shape(state_dict, "image_encoder.patch_embed.proj.weight", 4)
+    grid = _shape(state_dict, "image_encoder.pos_embed", 4)[1]
     block_ids = {
         int(m.group(1)) for k in state_dict if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))
     }
     depth = max(block_ids) + 1 if block_ids else 0
-    rel_rows, head_dim = _shape(state_dict, "image_encoder.blocks.0.attn.rel_pos_h")
+    rel_rows, head_dim = _shape(state_dict, "image_encoder.blocks.0.attn.rel_pos_h", 2)
     global_idx = tuple(
         i for i in range(depth)
-        if _shape(state_dict, f"image_encoder.blocks.{i}.attn.rel_pos_h")[0] == 2 * grid - 1
+        if _shape(state_dict, f"image_encoder.blocks.{i}.attn.rel_pos_h", 2)[0] == 2 * grid - 1
     )
     window = (rel_rows + 1) // 2 if 0 not in global_idx else 14
     found = ImageEncoderConfig(
         embed_dim, depth, embed_dim // head_dim, global_idx,
         image_size=grid * patch, patch_size=patch, window_size=window,
-        out_chans=_shape(state_dict, "image_encoder.neck.0.weight")[0],
+        out_chans=_shape(state_dict, "image_encoder.neck.0.weight", 4)[0],
     )
     for config in CONFIGS.values():
         if config.encoder == found:

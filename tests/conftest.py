@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import official_sam
+from checkpoints_convert import reference_model
 from checkpoints_convert.official import official_to_flax, to_flax_array, torch_key
 from sam_jax.checkpoint import flatten, unflatten
 from sam_jax.configs import SamConfig, get_config
@@ -40,9 +40,9 @@ def make_official(config: "str | SamConfig", seed: int = 0):
     """(config, official torch model with every tensor random, converted Flax params)."""
     config = get_config(config) if isinstance(config, str) else config
     torch.manual_seed(seed)
-    model = official_sam.build_official_for(config)
-    official_sam.randomize_zero_initialised(model, seed + 1)
-    params = official_to_flax(official_sam.state_dict_numpy(model), config)
+    model = reference_model.build_official_for(config)
+    reference_model.randomize_zero_initialised(model, seed + 1)
+    params = official_to_flax(reference_model.state_dict_numpy(model), config)
     return config, model, params
 
 

@@ -28,6 +28,13 @@ from sam_jax.configs import get_config
 
 SCAN_TOLERANCE = 1e-6
 
+# After a failed restore (the truncated-file case) orbax leaves asyncio tasks
+# behind that fail later, in whichever test next uses orbax, with "Event loop
+# is closed": orbax's noise, not a result of the test it lands in.
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:(?s)Exception ignored.*Event loop is closed:pytest.PytestUnraisableExceptionWarning"
+)
+
 
 def assert_params_equal(actual: dict, expected: dict, what: str) -> None:
     actual, expected = flatten(actual), flatten(expected)

@@ -10,8 +10,9 @@
 * The key mapping of the full-size vit_b/l/h layouts, without forward passes
   (official models built on torch's meta device, constant numpy tensors).
 * Hugging Face `SamModel` weights (safetensors, `pytorch_model.bin`,
-  `save_pretrained`) convert to the same params, and the converted vit_tiny
-  and vit_b run like HF's model.
+  `save_pretrained`) convert to the same params, and a converted vit_b runs
+  like HF's model (image embeddings, mask logits and IoU for points, boxes,
+  both, with and without multimask output).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import safetensors.torch
 import torch
 import transformers
 
-import official_sam
-from conftest import make_official, relative_error, report
+from checkpoints_convert import reference_model
+from conftest import relative_error, report
 from checkpoints_convert import convert
 from checkpoints_convert.convert import convert_checkpoint, main
 from checkpoints_convert.official import detect_config, flax_to_official, official_to_flax
@@ -263,7 +264,7 @@ def _resnet_like() -> dict:
 def _unknown_size() -> dict:
     """A well-formed official SAM with a ViT width no registered config has."""
     torch.manual_seed(0)
-    model = official_sam.build_official_sam(48, 4, 2, (1, 3), image_size=256, prompt_embed_dim=32,
+    model = reference_model.build_official_sam(48, 4, 2, (1, 3), image_size=256, prompt_embed_dim=32,
                                             decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
     return model.state_dict()
 
@@ -362,7 +363,7 @@ def test_full_size_mapping(name):
     """
     config = get_config(name)
     with torch.device("meta"):
-        shapes = {key: tuple(t.shape) for key, t in official_sam.build_official_for(config).state_dict().items()}
+        shapes = {key: tuple(t.shape) for key, t in reference_model.build_official_for(config).state_dict().items()}
     state = {key: np.broadcast_to(np.float32(i), shape) for i, (key, shape) in enumerate(shapes.items())}
     assert detect_config(state) == config
     params = official_to_flax(state, config)

@@ -49,7 +49,7 @@ from transformers import SamConfig, SamModel
 
 from checkpoints_convert import huggingface
 from checkpoints_convert.huggingface import huggingface_to_official, is_huggingface_state_dict
-from official_sam import ENCODER_CONFIGS, build_official_sam, randomize_zero_initialised
+from checkpoints_convert.reference_model import ENCODER_CONFIGS, build_official_sam, randomize_zero_initialised
 from sam_jax.errors import CheckpointError
 
 TOLERANCE = 1e-5

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import official_sam
+from checkpoints_convert import reference_model
 from conftest import apply_submodule, convert_module_params, relative_error, report, to_torch
 from sam_jax.modeling.common import LayerNorm, gelu
 from sam_jax.modeling.image_encoder import Attention, Block, get_rel_pos
@@ -22,7 +22,7 @@ from sam_jax.modeling.interpolate import resize_bilinear, resize_linear
 from sam_jax.modeling.sam import postprocess_masks, preprocess
 from sam_jax.modeling.transformer import DECODER_LN_EPS
 
-image_encoder = official_sam.modeling.image_encoder
+image_encoder = reference_model.modeling.image_encoder
 rng = np.random.default_rng(0)
 
 
@@ -69,7 +69,7 @@ def test_conv_transpose_matches_pytorch_semantics():
 def test_windowed_block_pads_each_axis_by_its_own_amount(grid):
     torch.manual_seed(0)
     ref = image_encoder.Block(32, 2, use_rel_pos=True, window_size=14, input_size=(64, 64))
-    official_sam.randomize_zero_initialised(ref, 0)
+    reference_model.randomize_zero_initialised(ref, 0)
     x = rng.normal(size=(1, *grid, 32)).astype(np.float32)
     block = Block(2, 4.0, window_size=14, input_size=(64, 64))
     ours = block.apply({"params": convert_module_params(block, ref, x)}, x)
@@ -95,7 +95,7 @@ def test_global_attention_interpolates_rel_pos_for_another_resolution():
     # Tables sized for a 16x16 grid, run on 24x20: the interpolation branch on both axes.
     torch.manual_seed(1)
     ref = image_encoder.Attention(32, num_heads=2, use_rel_pos=True, input_size=(16, 16))
-    official_sam.randomize_zero_initialised(ref, 1)
+    reference_model.randomize_zero_initialised(ref, 1)
     x = rng.normal(size=(2, 24, 20, 32)).astype(np.float32)
     attention = Attention(2, input_size=(16, 16))
     ours = attention.apply({"params": convert_module_params(attention, ref, x)}, x)

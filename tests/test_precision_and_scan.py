@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def _primitive_operand_dtypes(jaxpr, names):
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in names:
             found.extend(str(v.aval.dtype) for v in eqn.invars)
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             found.extend(_primitive_operand_dtypes(sub, names))
     return found
 

@@ -1,5 +1,9 @@
 """The official PyTorch SAM (`segment-anything` 1.0), importable without torchvision.
 
+For tests, benchmarks and the demo: it builds official models of any sam_jax
+config, e.g. to write a randomly initialised checkpoint with the released key
+layout. It needs torch (`pip install -e '.[torch]'`); sam_jax never imports it.
+
 `segment_anything/__init__.py` imports the automatic mask generator, which
 imports torchvision at import time, and torchvision has no CPU build here.
 The model itself (`segment_anything.modeling`) needs only torch, so this module

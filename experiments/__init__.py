@@ -1,0 +1,1 @@
+"""Entry points: the demo job, benchmarks (and later training and evaluation)."""
