@@ -156,3 +156,12 @@ def test_points_are_shifted_to_pixel_centres_and_padded(tiny):
     unshifted, _ = apply_submodule(
         config, params, lambda m, c, l: m.prompt_encoder((c, l), None, None), coords + 0.5, labels)
     assert relative_error(unshifted, expected.detach()) > 1e-3
+
+
+def test_query_chunked_global_attention_equals_all_at_once():
+    x = rng.normal(size=(2, 16, 12, 32)).astype(np.float32)  # 192 queries: 6 chunks of 32
+    whole, chunked = Attention(2, input_size=(16, 16)), Attention(2, input_size=(16, 16), query_chunk_size=32)
+    params = jax.tree_util.tree_map(
+        lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32) * 0.1,
+        whole.init(jax.random.PRNGKey(0), x)["params"])
+    assert relative_error(chunked.apply({"params": params}, x), whole.apply({"params": params}, x)) < 1e-6
