@@ -4,11 +4,13 @@ from sam_jax.checkpoint import load_sam, save_params
 from sam_jax.configs import CONFIGS, ImageEncoderConfig, SamConfig, get_config
 from sam_jax.errors import CheckpointError
 from sam_jax.modeling import Sam, postprocess_masks, preprocess
+from sam_jax.transforms import ResizeLongestSide
 
 __all__ = [
     "CONFIGS",
     "CheckpointError",
     "ImageEncoderConfig",
+    "ResizeLongestSide",
     "Sam",
     "SamConfig",
     "get_config",
