@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
     masks = np.asarray(logits > config.mask_threshold)
     summary.update(
         model_type=config.name, image_shape=list(image.shape),
-        iou_predictions=np.asarray(iou)[0].round(4).tolist(),
+        iou_predictions=[round(float(x), 4) for x in np.asarray(iou)[0]],
         mask_pixels=masks[0].reshape(3, -1).sum(1).tolist(),
     )
     print(f"sam_jax encoder {summary['encoder_s']:.2f} s (first call with compile "
