@@ -98,8 +98,3 @@ def test_bad_remat_policy_and_unscannable_config_are_named(tiny):
     with pytest.raises(ValueError, match=r"scan_blocks needs global blocks.*\(0, 3\)"):
         Sam(odd, scan_blocks=True).init(jax.random.PRNGKey(0), _image(odd), method=Sam.encode_image)
 
-
-def test_encoder_rejects_wrong_image_shape(tiny):
-    config, _, params = tiny
-    with pytest.raises(ValueError, match=r"\(batch, 256, 256, 3\).*\(1, 3, 256, 256\)"):
-        _encode(config, params, jnp.zeros((1, 3, 256, 256)))

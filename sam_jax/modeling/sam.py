@@ -79,8 +79,7 @@ class Sam(nn.Module):
         Returns:
           low_res_logits (B, C, 4h, 4w) and iou_predictions (B, C).
         """
-        if (point_coords is None) != (point_labels is None):
-            raise ValueError("point_coords and point_labels must be given together")
+        self._check_prompts(image_embeddings, point_coords, point_labels, boxes, mask_inputs)
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points, boxes, mask_inputs)
         return self.mask_decoder(
@@ -90,6 +89,42 @@ class Sam(nn.Module):
             dense,
             multimask_output,
         )
+
+    def _check_prompts(self, image_embeddings, point_coords, point_labels, boxes, mask_inputs):
+        """Raises ValueError naming the argument whose shape is wrong (shapes are static)."""
+        cfg = self.config
+        e, m = cfg.embedding_size, cfg.low_res_mask_size
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("point_coords and point_labels must be given together")
+        batch = {}
+        if point_coords is not None:
+            if point_coords.ndim != 3 or point_coords.shape[-1] != 2:
+                raise ValueError(f"point_coords must be (B, N, 2); got shape {point_coords.shape}")
+            if point_labels.shape != point_coords.shape[:2]:
+                raise ValueError(
+                    f"point_labels must be (B, N) = {point_coords.shape[:2]} to match point_coords; "
+                    f"got shape {point_labels.shape}"
+                )
+            batch["point_coords"] = point_coords.shape[0]
+        if boxes is not None:
+            if boxes.ndim != 2 or boxes.shape[-1] != 4:
+                raise ValueError(f"boxes must be (B, 4) XYXY; got shape {boxes.shape}")
+            batch["boxes"] = boxes.shape[0]
+        if mask_inputs is not None:
+            if mask_inputs.ndim != 4 or mask_inputs.shape[1:] != (1, m, m):
+                raise ValueError(f"mask_inputs must be (B, 1, {m}, {m}); got shape {mask_inputs.shape}")
+            batch["mask_inputs"] = mask_inputs.shape[0]
+        if len(set(batch.values())) > 1:
+            raise ValueError(f"prompts disagree on the batch size B: {batch}")
+        expected = (e, e, cfg.prompt_embed_dim)
+        b = next(iter(batch.values()), 1)
+        if image_embeddings.ndim != 4 or image_embeddings.shape[1:] != expected or (
+            image_embeddings.shape[0] not in (1, b)
+        ):
+            raise ValueError(
+                f"image_embeddings must be (1 or B={b}, {e}, {e}, {cfg.prompt_embed_dim}); "
+                f"got shape {image_embeddings.shape}"
+            )
 
     def __call__(self, images, point_coords=None, point_labels=None, boxes=None,
                  mask_inputs=None, multimask_output: bool = True):

@@ -1,0 +1,36 @@
+"""Malformed model inputs get a ValueError naming the argument and its shape, not an XLA trace."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sam_jax.modeling import Sam
+
+
+def test_encoder_rejects_wrong_image_shape(tiny):
+    config, _, params = tiny
+    with pytest.raises(ValueError, match=r"\(batch, 256, 256, 3\).*\(1, 3, 256, 256\)"):
+        Sam(config).apply({"params": params}, jnp.zeros((1, 3, 256, 256)), method=Sam.encode_image)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(point_coords=np.zeros((5, 2))), "point_coords and point_labels must be given together"),
+    (dict(point_coords=np.zeros((5, 2)), point_labels=np.ones(5)), r"point_coords must be \(B, N, 2\); got shape \(5, 2\)"),
+    (dict(point_coords=np.zeros((2, 5, 2)), point_labels=np.ones((2, 4))), r"point_labels must be \(B, N\) = \(2, 5\)"),
+    (dict(boxes=np.zeros((2, 2, 2))), r"boxes must be \(B, 4\) XYXY; got shape \(2, 2, 2\)"),
+    (dict(mask_inputs=np.zeros((2, 64, 64))), r"mask_inputs must be \(B, 1, 64, 64\); got shape \(2, 64, 64\)"),
+    (dict(boxes=np.zeros((2, 4)), mask_inputs=np.zeros((3, 1, 64, 64))), "prompts disagree on the batch size"),
+], ids=["labels-missing", "coords-unbatched", "labels-shape", "boxes-shape", "mask-shape", "batch-mismatch"])
+def test_decode_names_malformed_prompts(tiny, kwargs, message):
+    config, _, params = tiny
+    embedding = np.zeros((1, 16, 16, 32), np.float32)
+    with pytest.raises(ValueError, match=message):
+        Sam(config).apply({"params": params}, embedding, **kwargs, method=Sam.decode)
+
+
+def test_decode_names_a_wrong_image_embedding(tiny):
+    config, _, params = tiny
+    with pytest.raises(ValueError, match=r"image_embeddings must be \(1 or B=2, 16, 16, 32\); got shape \(1, 32, 16, 16\)"):
+        Sam(config).apply({"params": params}, np.zeros((1, 32, 16, 16)), boxes=np.zeros((2, 4)), method=Sam.decode)
