@@ -4,6 +4,7 @@ from sam_jax.checkpoint import load_sam, save_params
 from sam_jax.configs import CONFIGS, ImageEncoderConfig, SamConfig, get_config
 from sam_jax.errors import CheckpointError
 from sam_jax.modeling import Sam, postprocess_masks, preprocess
+from sam_jax.predictor import SamPredictor
 from sam_jax.transforms import ResizeLongestSide
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "ResizeLongestSide",
     "Sam",
     "SamConfig",
+    "SamPredictor",
     "get_config",
     "load_sam",
     "postprocess_masks",

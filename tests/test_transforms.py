@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import official_transforms
+from conftest import official_module
 from sam_jax.transforms import ResizeLongestSide
 
 SIZES = [(600, 800), (800, 600), (1500, 2250), (333, 1000), (1024, 1024), (7, 3000), (1, 1), (479, 640)]
@@ -14,7 +14,7 @@ rng = np.random.default_rng(0)
 
 @pytest.fixture(scope="module")
 def official():
-    return official_transforms().ResizeLongestSide(1024)
+    return official_module("utils.transforms").ResizeLongestSide(1024)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=str)

@@ -1,0 +1,184 @@
+"""`SamPredictor`: the official predictor's API on sam_jax.
+
+Embed an image once with `set_image`, then prompt it repeatedly with
+`predict` (one prompt) or `predict_batch` (many prompts at once). Inputs and
+outputs are numpy arrays in the original image's frame, with the official
+shapes; the encoder is compiled once per model, the decoder once per prompt
+structure (number of points, box or not, mask or not, multimask or not) and
+image size.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sam_jax.modeling import Sam, postprocess_masks, preprocess
+from sam_jax.transforms import ResizeLongestSide
+
+POINT_LABELS = (-1, 0, 1)  # not-a-point, background, foreground
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(model: Sam, params, image: jax.Array) -> jax.Array:
+    """(1, S, S, 3) preprocessed image -> (1, h, w, D) embedding."""
+    return model.apply({"params": params}, image, method=Sam.encode_image)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9))
+def _decode(model: Sam, params, features, coords, labels, boxes, masks,
+            multimask_output: bool, input_size: tuple, original_size: tuple):
+    """Prompts in the input frame -> (logits at original size, IoU, low-res logits)."""
+    low_res, iou = model.apply(
+        {"params": params}, features, coords, labels, boxes, masks, multimask_output,
+        method=Sam.decode,
+    )
+    logits = postprocess_masks(low_res, input_size, original_size, model.config.image_size)
+    return logits, iou, low_res
+
+
+class SamPredictor:
+    def __init__(self, model: Sam, params: Any) -> None:
+        """`model, params = sam_jax.load_sam(path)`; `SamPredictor(model, params)`."""
+        self.model = model
+        self.params = params
+        self.transform = ResizeLongestSide(model.config.image_size)
+        self.reset_image()
+
+    def reset_image(self) -> None:
+        self.is_image_set = False
+        self.features: Optional[jax.Array] = None
+        self.original_size: Optional[tuple[int, int]] = None
+        self.input_size: Optional[tuple[int, int]] = None
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Embeds an (H, W, 3) uint8 image in `image_format` "RGB" or "BGR"."""
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be 'RGB' or 'BGR'; got {image_format!r}")
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+            raise ValueError(
+                f"set_image expects an (H, W, 3) uint8 image; got {image.dtype} array of shape "
+                f"{image.shape} (convert grayscale or RGBA images to RGB first)"
+            )
+        if image_format == "BGR":
+            image = image[..., ::-1]
+        self.set_transformed_image(self.transform.apply_image(np.ascontiguousarray(image)), image.shape[:2])
+
+    def set_transformed_image(self, transformed_image: np.ndarray, original_image_size: tuple[int, int]) -> None:
+        """Embeds an (H', W', 3) image already resized by `ResizeLongestSide` (the
+        official `set_torch_image`, channels-last)."""
+        s = self.model.config.image_size
+        if transformed_image.ndim != 3 or transformed_image.shape[2] != 3 or max(transformed_image.shape[:2]) != s:
+            raise ValueError(
+                f"transformed image must be (H, W, 3) with longest side {s}; got {transformed_image.shape}"
+            )
+        self.reset_image()
+        image = preprocess(jnp.asarray(transformed_image), self.model.config)[None]
+        self.features = _encode(self.model, self.params, image)
+        self.original_size = tuple(int(x) for x in original_image_size)
+        self.input_size = tuple(int(x) for x in transformed_image.shape[:2])
+        self.is_image_set = True
+
+    def get_image_embedding(self) -> jax.Array:
+        """(1, D, h, w) image embedding, in the official layout."""
+        self._require_image()
+        return jnp.transpose(self.features, (0, 3, 1, 2))
+
+    def predict(
+        self,
+        point_coords: Optional[np.ndarray] = None,
+        point_labels: Optional[np.ndarray] = None,
+        box: Optional[np.ndarray] = None,
+        mask_input: Optional[np.ndarray] = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for one prompt on the set image.
+
+        Args:
+          point_coords: (N, 2) (x, y) pixels in the original image; with
+            point_labels (N,): 1 foreground, 0 background.
+          box: (4,) XYXY pixels in the original image.
+          mask_input: (1, 256, 256) low-res logits from an earlier prediction.
+        Returns:
+          masks (C, H, W) bool (float logits if return_logits), iou_predictions
+          (C,), low_res_logits (C, 256, 256); C = 3 with multimask_output else 1.
+        """
+        batch = lambda x: None if x is None else np.asarray(x)[None]
+        boxes = batch(box) if np.ndim(box) == 1 else box  # (4,), or (1, 4) as the official accepts
+        if boxes is not None and np.shape(boxes)[0] != 1:
+            raise ValueError(f"predict takes one box, (4,); got {np.shape(box)}: use predict_batch for several")
+        masks, iou, low_res = self.predict_batch(
+            batch(point_coords), batch(point_labels), boxes, batch(mask_input), multimask_output,
+            return_logits,
+        )
+        return masks[0], iou[0], low_res[0]
+
+    def predict_batch(
+        self,
+        point_coords: Optional[np.ndarray] = None,
+        point_labels: Optional[np.ndarray] = None,
+        boxes: Optional[np.ndarray] = None,
+        mask_input: Optional[np.ndarray] = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """B prompts on the set image at once (the official `predict_torch`, but in the
+        original image's frame): point_coords (B, N, 2), point_labels (B, N),
+        boxes (B, 4), mask_input (B, 1, 256, 256). Returns (B, C, H, W) masks,
+        (B, C) IoU predictions and (B, C, 256, 256) low-res logits."""
+        self._require_image()
+        coords, labels, boxes, mask_input = self._check_prompts(point_coords, point_labels, boxes, mask_input)
+        if coords is not None:
+            coords = self.transform.apply_coords(coords, self.original_size).astype(np.float32)
+        if boxes is not None:
+            boxes = self.transform.apply_boxes(boxes, self.original_size).astype(np.float32)
+        logits, iou, low_res = _decode(
+            self.model, self.params, self.features, coords, labels, boxes, mask_input,
+            bool(multimask_output), self.input_size, self.original_size,
+        )
+        logits = np.asarray(logits)
+        masks = logits if return_logits else logits > self.model.config.mask_threshold
+        return masks, np.asarray(iou), np.asarray(low_res)
+
+    def _require_image(self) -> None:
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+
+    def _check_prompts(self, point_coords, point_labels, boxes, mask_input):
+        """Validates batched prompts in the original frame; returns them as numpy arrays."""
+        if point_coords is None and boxes is None and mask_input is None:
+            raise ValueError("no prompt: give point_coords + point_labels, a box, or a mask_input")
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("point_coords and point_labels must be given together")
+        if point_coords is not None:
+            point_coords = np.asarray(point_coords, np.float64)
+            point_labels = np.asarray(point_labels)
+            if point_coords.ndim != 3 or point_coords.shape[-1] != 2 or point_coords.shape[1] == 0:
+                raise ValueError(f"point_coords must be (N, 2) with N >= 1 (batched: (B, N, 2)); got {point_coords.shape}")
+            if point_labels.shape != point_coords.shape[:2]:
+                raise ValueError(f"point_labels must have shape {point_coords.shape[:2]} to match point_coords; got {point_labels.shape}")
+            if not np.isin(point_labels, POINT_LABELS).all():
+                raise ValueError(f"point_labels must be 1 (foreground), 0 (background) or -1; got {np.unique(point_labels)}")
+            if not np.isfinite(point_coords).all():
+                raise ValueError("point_coords contain NaN or infinite values")
+            point_labels = point_labels.astype(np.int32)
+        if boxes is not None:
+            boxes = np.asarray(boxes, np.float64)
+            if boxes.ndim != 2 or boxes.shape[1] != 4:
+                raise ValueError(f"box must be (4,) XYXY (batched: (B, 4)); got {boxes.shape}")
+            if not np.isfinite(boxes).all():
+                raise ValueError("box contains NaN or infinite values")
+            if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
+                raise ValueError(f"box must be XYXY with x1 >= x0 and y1 >= y0; got {boxes.tolist()}")
+        if mask_input is not None:
+            m = self.model.config.low_res_mask_size
+            mask_input = np.asarray(mask_input, np.float32)
+            if mask_input.ndim != 4 or mask_input.shape[1:] != (1, m, m):
+                raise ValueError(f"mask_input must be (1, {m}, {m}) (batched: (B, 1, {m}, {m})); got {mask_input.shape}")
+        return point_coords, point_labels, boxes, mask_input

@@ -1,0 +1,125 @@
+"""`SamPredictor` equals the official one on the same random weights (vit_tiny, full pipeline).
+
+Official predictor: `segment_anything.predictor.SamPredictor`, run on the
+torchvision stand-ins (tests/stand_ins). Non-square images are resized by
+ResizeLongestSide, prompts are given in the original frame, and masks come
+back at the original size. IoU predictions agree within 1e-4, logits to 1e-4
+relative, binary masks everywhere except within 1e-4 of the threshold.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import official_module, relative_error
+from experiments.sample_image import synthetic_image
+from sam_jax.modeling import Sam
+from sam_jax.predictor import SamPredictor
+
+
+@pytest.fixture(scope="module")
+def predictors(tiny):
+    config, ref, params = tiny
+    image = synthetic_image(300, 411, seed=5)  # resized to 187x256 and back
+    official = official_module("predictor").SamPredictor(ref)
+    official.set_image(image)
+    ours = SamPredictor(Sam(config), params)
+    ours.set_image(image)
+    return official, ours, image
+
+
+PROMPTS = {
+    "one point": dict(point_coords=np.array([[200.0, 150.0]]), point_labels=np.array([1])),
+    "three points": dict(point_coords=np.array([[200.0, 150.0], [20.5, 290.0], [410.0, 0.0]]),
+                         point_labels=np.array([1, 0, 1])),
+    "box": dict(box=np.array([50.0, 40.0, 300.0, 250.0])),
+    "points + box": dict(point_coords=np.array([[120.0, 100.0]]), point_labels=np.array([0]),
+                         box=np.array([50.0, 40.0, 300.0, 250.0])),
+}
+
+
+def assert_same_prediction(ours, official):
+    (masks, iou, low_res), (ref_masks, ref_iou, ref_low_res) = ours, official
+    assert masks.shape == ref_masks.shape and iou.shape == ref_iou.shape
+    np.testing.assert_allclose(iou, ref_iou, atol=1e-4)
+    assert relative_error(low_res, ref_low_res) < 1e-4
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_predict_matches_official(predictors, prompt, multimask):
+    official, ours, image = predictors
+    with torch.no_grad():
+        ref = official.predict(**PROMPTS[prompt], multimask_output=multimask, return_logits=True)
+    logits = ours.predict(**PROMPTS[prompt], multimask_output=multimask, return_logits=True)
+    assert_same_prediction(logits, ref)
+    assert logits[0].shape == (3 if multimask else 1, *image.shape[:2])
+    assert relative_error(logits[0], ref[0]) < 1e-4
+    masks = ours.predict(**PROMPTS[prompt], multimask_output=multimask)[0]
+    assert masks.dtype == bool
+    disagree = masks != (ref[0] > 0)
+    assert disagree.mean() <= 1e-4 and np.all(np.abs(ref[0][disagree]) < 1e-4)
+
+
+def test_mask_input_feedback_matches_official(predictors):
+    official, ours, _ = predictors
+    prompt = PROMPTS["one point"]
+    with torch.no_grad():
+        _, ref_iou, ref_low_res = official.predict(**prompt)
+        best = ref_low_res[np.argmax(ref_iou)][None]
+        ref = official.predict(**prompt, mask_input=best, multimask_output=False)
+    assert_same_prediction(ours.predict(**prompt, mask_input=best, multimask_output=False), ref)
+
+
+def test_batch_of_boxes_matches_one_by_one(predictors):
+    _, ours, _ = predictors
+    boxes = np.array([[50.0, 40.0, 300.0, 250.0], [0.0, 0.0, 410.0, 299.0], [100.0, 100.0, 101.0, 140.0]])
+    masks, iou, low_res = ours.predict_batch(boxes=boxes, multimask_output=False)
+    assert masks.shape == (3, 1, 300, 411)
+    for i, box in enumerate(boxes):
+        single = ours.predict(box=box, multimask_output=False)
+        np.testing.assert_allclose(iou[i], single[1], atol=1e-6)
+        assert relative_error(low_res[i], single[2]) < 1e-6
+
+
+def test_image_embedding_and_bgr(predictors, tiny):
+    official, ours, image = predictors
+    with torch.no_grad():
+        expected = official.get_image_embedding()
+    assert relative_error(np.asarray(ours.get_image_embedding()), expected) < 1e-5
+    bgr = SamPredictor(ours.model, ours.params)
+    bgr.set_image(np.ascontiguousarray(image[..., ::-1]), image_format="BGR")
+    np.testing.assert_array_equal(np.asarray(bgr.features), np.asarray(ours.features))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(), "no prompt"),
+    (dict(point_coords=np.zeros((1, 2))), "point_coords and point_labels must be given together"),
+    (dict(point_coords=np.zeros((2,)), point_labels=np.ones(1)), r"point_coords must be \(N, 2\)"),
+    (dict(point_coords=np.zeros((2, 2)), point_labels=np.ones(3)), "point_labels must have shape"),
+    (dict(point_coords=np.zeros((1, 2)), point_labels=np.array([2])), "point_labels must be 1"),
+    (dict(point_coords=np.array([[np.nan, 1.0]]), point_labels=np.ones(1)), "NaN"),
+    (dict(box=np.array([10.0, 10.0, 5.0, 20.0])), "x1 >= x0"),
+    (dict(box=np.zeros(3)), r"box must be \(4,\)"),
+    (dict(box=np.zeros((2, 4))), "predict takes one box"),
+    (dict(box=np.zeros(4), mask_input=np.zeros((256, 256))), r"mask_input must be \(1, 64, 64\)"),
+])
+def test_bad_prompts_are_named(predictors, kwargs, message):
+    _, ours, _ = predictors
+    with pytest.raises(ValueError, match=message):
+        ours.predict(**kwargs)
+
+
+def test_bad_images_and_missing_image_are_named(tiny):
+    config, _, params = tiny
+    predictor = SamPredictor(Sam(config), params)
+    with pytest.raises(RuntimeError, match="must be set"):
+        predictor.predict(box=np.zeros(4))
+    for bad, what in [(np.zeros((10, 10), np.uint8), r"\(10, 10\)"), (np.zeros((10, 10, 4), np.uint8), "RGBA"),
+                      (np.zeros((10, 10, 3), np.float32), "float32")]:
+        with pytest.raises(ValueError, match=what):
+            predictor.set_image(bad)
+    with pytest.raises(ValueError, match="image_format"):
+        predictor.set_image(np.zeros((10, 10, 3), np.uint8), image_format="RGBA")
