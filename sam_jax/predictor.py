@@ -3,9 +3,12 @@
 Embed an image once with `set_image`, then prompt it repeatedly with
 `predict` (one prompt) or `predict_batch` (many prompts at once). Inputs and
 outputs are numpy arrays in the original image's frame, with the official
-shapes; the encoder is compiled once per model, the decoder once per prompt
-structure (number of points, box or not, mask or not, multimask or not) and
-image size.
+shapes. The encoder is compiled once per model. The decoder is compiled once
+per bucket of prompt sizes: the number of points and of prompts are padded
+up to powers of two (padding points are masked out of attention, padding
+prompts are dropped), so an interactive session that adds clicks one by one
+compiles log2(clicks) times, not once per click; also once per (box or not,
+mask or not, multimask or not) and per image size.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_jax.modeling import Sam, postprocess_masks, preprocess
+from sam_jax.modeling.prompt_encoder import PADDING
 from sam_jax.transforms import ResizeLongestSide
 
 POINT_LABELS = (-1, 0, 1)  # not-a-point, background, foreground
@@ -39,6 +43,17 @@ def _decode(model: Sam, params, features, coords, labels, boxes, masks,
     )
     logits = postprocess_masks(low_res, input_size, original_size, model.config.image_size)
     return logits, iou, low_res
+
+
+def _bucket(n: int) -> int:
+    """The smallest power of two >= n."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _pad_to(x: np.ndarray, axis: int, size: int, value) -> np.ndarray:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return np.pad(x, pad, constant_values=value)
 
 
 class SamPredictor:
@@ -138,13 +153,19 @@ class SamPredictor:
             coords = self.transform.apply_coords(coords, self.original_size).astype(np.float32)
         if boxes is not None:
             boxes = self.transform.apply_boxes(boxes, self.original_size).astype(np.float32)
+        b = next(x.shape[0] for x in (coords, boxes, mask_input) if x is not None)
+        if coords is not None:
+            n = coords.shape[1]
+            coords = _pad_to(coords, 1, _bucket(n), 0.0)
+            labels = _pad_to(labels, 1, _bucket(n), PADDING)
+        padded = [None if x is None else _pad_to(x, 0, _bucket(b), 0) for x in (coords, labels, boxes, mask_input)]
         logits, iou, low_res = _decode(
-            self.model, self.params, self.features, coords, labels, boxes, mask_input,
+            self.model, self.params, self.features, *padded,
             bool(multimask_output), self.input_size, self.original_size,
         )
-        logits = np.asarray(logits)
+        logits, iou, low_res = (np.asarray(x)[:b] for x in (logits, iou, low_res))
         masks = logits if return_logits else logits > self.model.config.mask_threshold
-        return masks, np.asarray(iou), np.asarray(low_res)
+        return masks, iou, low_res
 
     def _require_image(self) -> None:
         if not self.is_image_set:

@@ -16,7 +16,8 @@ import torch
 from conftest import official_module, relative_error
 from experiments.sample_image import synthetic_image
 from sam_jax.modeling import Sam
-from sam_jax.predictor import SamPredictor
+from sam_jax.modeling.prompt_encoder import PADDING
+from sam_jax.predictor import SamPredictor, _decode
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +124,40 @@ def test_bad_images_and_missing_image_are_named(tiny):
             predictor.set_image(bad)
     with pytest.raises(ValueError, match="image_format"):
         predictor.set_image(np.zeros((10, 10, 3), np.uint8), image_format="RGBA")
+
+
+@pytest.mark.parametrize("with_box", [False, True])
+def test_padding_points_change_nothing(tiny, with_box):
+    config, _, params = tiny
+    rng = np.random.default_rng(2)
+    embedding = rng.normal(size=(1, 16, 16, 32)).astype(np.float32)
+    coords = rng.uniform(0, 256, (2, 3, 2)).astype(np.float32)
+    labels = np.array([[1, 0, 1], [1, 1, 0]], np.int32)
+    boxes = np.array([[10, 20, 200, 150], [0, 0, 100, 100]], np.float32) if with_box else None
+    padded_coords = np.concatenate([coords, np.zeros((2, 5, 2), np.float32)], 1)
+    padded_labels = np.concatenate([labels, np.full((2, 5), PADDING, np.int32)], 1)
+    decode = lambda c, l: Sam(config).apply({"params": params}, embedding, c, l, boxes, method=Sam.decode)
+    (masks, iou), (padded_masks, padded_iou) = decode(coords, labels), decode(padded_coords, padded_labels)
+    assert relative_error(padded_masks, masks) < 1e-6 and relative_error(padded_iou, iou) < 1e-6
+    # Without the mask, extra tokens would change the answer: the test can fail.
+    not_a_point = np.where(padded_labels == PADDING, -1, padded_labels)
+    assert relative_error(decode(padded_coords, not_a_point)[0], masks) > 1e-3
+
+
+def test_growing_click_counts_compile_once_per_bucket(tiny):
+    config, _, params = tiny
+    ours = SamPredictor(Sam(config), params)
+    ours.set_image(synthetic_image(123, 77))  # an image size no other test compiles for
+    rng = np.random.default_rng(3)
+    clicks = rng.uniform(0, 76, (9, 2))
+    ours.predict(point_coords=clicks[:1], point_labels=np.ones(1))  # bucket 1, compiled
+    before = _decode._cache_size()
+    for n in range(2, 10):  # buckets 2, 4, 8, 16: four compilations for eight click counts
+        ours.predict(point_coords=clicks[:n], point_labels=np.ones(n))
+    assert _decode._cache_size() - before == 4
+    for n in range(1, 10):  # all cached now
+        ours.predict(point_coords=clicks[:n], point_labels=np.ones(n))
+    assert _decode._cache_size() - before == 4
+    for b in (3, 4):  # 3 and 4 prompts share a bucket
+        ours.predict_batch(boxes=np.tile([[10.0, 10.0, 200.0, 200.0]], (b, 1)))
+    assert _decode._cache_size() - before == 5

@@ -8,6 +8,8 @@ hypernetwork MLP gives the weights of a dot product with the upscaled map.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -62,6 +64,7 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: jax.Array,
         dense_prompt_embeddings: jax.Array,
         multimask_output: bool,
+        sparse_prompt_mask: Optional[jax.Array] = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Predicts masks from image and prompt embeddings.
 
@@ -71,17 +74,19 @@ class MaskDecoder(nn.Module):
           sparse_prompt_embeddings: (B, N, D).
           dense_prompt_embeddings: (B, h, w, D).
           multimask_output: static; True returns tokens 1..3, False token 0.
+          sparse_prompt_mask: optional (B, N) bool, False for padding tokens.
         Returns:
           masks (B, C, 4h, 4w) logits and iou_pred (B, C), C = 3 or 1.
         """
         masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+            sparse_prompt_mask,
         )
         sl = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sl], iou_pred[:, sl]
 
     def predict_masks(self, image_embeddings, image_pe, sparse_prompt_embeddings,
-                      dense_prompt_embeddings) -> tuple[jax.Array, jax.Array]:
+                      dense_prompt_embeddings, sparse_prompt_mask=None) -> tuple[jax.Array, jax.Array]:
         """All 1 + num_multimask_outputs masks (B, T, 4h, 4w) and IoU predictions (B, T)."""
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = jnp.concatenate(
@@ -91,7 +96,10 @@ class MaskDecoder(nn.Module):
         tokens = jnp.concatenate([output_tokens, sparse_prompt_embeddings.astype(self.dtype)], 1)
 
         src = image_embeddings.astype(self.dtype) + dense_prompt_embeddings.astype(self.dtype)
-        hs, src = self.transformer(src, image_pe.astype(self.dtype), tokens)
+        token_mask = None
+        if sparse_prompt_mask is not None:  # output tokens are always attended to
+            token_mask = jnp.concatenate([jnp.ones(output_tokens.shape[:2], bool), sparse_prompt_mask], 1)
+        hs, src = self.transformer(src, image_pe.astype(self.dtype), tokens, token_mask)
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
 

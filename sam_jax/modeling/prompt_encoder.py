@@ -17,9 +17,12 @@ import numpy as np
 from sam_jax.modeling.common import Dtype, LayerNorm, gelu
 
 # Point labels, as the official code uses them.
-NOT_A_POINT = -1  # padding: zero encoding + `not_a_point_embed`
+NOT_A_POINT = -1  # the official padding token: zero encoding + `not_a_point_embed`
 BACKGROUND = 0
 FOREGROUND = 1
+# sam_jax only: an absent point, for fixed-shape batches. `Sam.decode` masks it
+# out of attention, so a prompt padded with it predicts what it would without.
+PADDING = -10
 
 
 class PositionEmbeddingRandom(nn.Module):

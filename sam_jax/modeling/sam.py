@@ -19,7 +19,7 @@ from sam_jax.modeling.common import Dtype
 from sam_jax.modeling.image_encoder import ImageEncoderViT
 from sam_jax.modeling.interpolate import resize_bilinear
 from sam_jax.modeling.mask_decoder import MaskDecoder
-from sam_jax.modeling.prompt_encoder import PromptEncoder
+from sam_jax.modeling.prompt_encoder import PADDING, PromptEncoder
 
 
 class Sam(nn.Module):
@@ -72,7 +72,8 @@ class Sam(nn.Module):
         Args:
           image_embeddings: (1 or B, h, w, D).
           point_coords: (B, N, 2) (x, y) in the encoder input frame; with
-            point_labels (B, N): 1 foreground, 0 background, -1 not-a-point.
+            point_labels (B, N): 1 foreground, 0 background, -1 not-a-point,
+            -10 padding (masked out: as if the point were not there).
           boxes: (B, 4) XYXY in the encoder input frame.
           mask_inputs: (B, 1, 4h, 4w) mask logits from an earlier prediction.
           multimask_output: static; 3 masks if True, else the single-mask token.
@@ -82,12 +83,17 @@ class Sam(nn.Module):
         self._check_prompts(image_embeddings, point_coords, point_labels, boxes, mask_inputs)
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points, boxes, mask_inputs)
+        sparse_mask = None
+        if points is not None:  # tokens: points, the official pad point if no box, box corners
+            valid = jnp.ones((sparse.shape[0], sparse.shape[1] - point_labels.shape[1]), bool)
+            sparse_mask = jnp.concatenate([jnp.asarray(point_labels) != PADDING, valid], 1)
         return self.mask_decoder(
             image_embeddings,
             self.prompt_encoder.get_dense_pe(),
             sparse,
             dense,
             multimask_output,
+            sparse_mask,
         )
 
     def _check_prompts(self, image_embeddings, point_coords, point_labels, boxes, mask_inputs):

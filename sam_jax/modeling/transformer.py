@@ -26,8 +26,8 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        """(B, Nq, D), (B, Nk, D), (B, Nk, D) -> (B, Nq, D)."""
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, key_mask=None) -> jax.Array:
+        """(B, Nq, D), (B, Nk, D), (B, Nk, D) -> (B, Nq, D); keys where key_mask (B, Nk) is False are ignored."""
         embedding_dim = q.shape[-1]
         internal_dim = embedding_dim // self.downsample_rate
         if internal_dim % self.num_heads:
@@ -38,7 +38,10 @@ class Attention(nn.Module):
         k = heads(dense(internal_dim, "k_proj")(k))
         v = heads(dense(internal_dim, "v_proj")(v))
         logits = jnp.einsum("bqnc,bknc->bnqk", q, k, preferred_element_type=jnp.float32)
-        attn = softmax_fp32(logits / math.sqrt(q.shape[-1]), self.dtype)
+        logits = logits / math.sqrt(q.shape[-1])
+        if key_mask is not None:  # exp(-inf) = 0: a masked key adds exactly nothing
+            logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
+        attn = softmax_fp32(logits, self.dtype)
         out = jnp.einsum("bnqk,bknc->bqnc", attn, v).reshape(*q.shape[:2], internal_dim)
         return dense(embedding_dim, "out_proj")(out)
 
@@ -54,17 +57,17 @@ class TwoWayAttentionBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, queries, keys, query_pe, key_pe):
+    def __call__(self, queries, keys, query_pe, key_pe, token_mask=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = lambda name: LayerNorm(DECODER_LN_EPS, name=name, **kw)
         cross = lambda name: Attention(self.num_heads, self.attention_downsample_rate, name=name, **kw)
 
         self_attn = Attention(self.num_heads, name="self_attn", **kw)
         if self.skip_first_layer_pe:
-            queries = self_attn(queries, queries, queries)
+            queries = self_attn(queries, queries, queries, token_mask)
         else:
             q = queries + query_pe
-            queries = queries + self_attn(q, q, queries)
+            queries = queries + self_attn(q, q, queries, token_mask)
         queries = norm("norm1")(queries)
 
         q, k = queries + query_pe, keys + key_pe
@@ -74,7 +77,7 @@ class TwoWayAttentionBlock(nn.Module):
         queries = norm("norm3")(queries + mlp(queries))
 
         q, k = queries + query_pe, keys + key_pe
-        keys = norm("norm4")(keys + cross("cross_attn_image_to_token")(k, q, queries))
+        keys = norm("norm4")(keys + cross("cross_attn_image_to_token")(k, q, queries, token_mask))
         return queries, keys
 
 
@@ -87,13 +90,15 @@ class TwoWayTransformer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, image_embedding, image_pe, point_embedding):
+    def __call__(self, image_embedding, image_pe, point_embedding, token_mask=None):
         """Runs the transformer.
 
         Args:
           image_embedding: (B, h, w, D).
           image_pe: (B, h, w, D) positional encoding of the image grid.
           point_embedding: (B, N, D) tokens.
+          token_mask: optional (B, N) bool; False tokens (padding) are never
+            attended to, so they change no other output.
         Returns:
           queries (B, N, D) and keys (B, h * w, D).
         """
@@ -110,7 +115,7 @@ class TwoWayTransformer(nn.Module):
                 skip_first_layer_pe=i == 0,
                 name=f"layers_{i}",
                 **kw,
-            )(queries, keys, point_embedding, key_pe)
+            )(queries, keys, point_embedding, key_pe, token_mask)
         final = Attention(
             self.num_heads, self.attention_downsample_rate, name="final_attn_token_to_image", **kw
         )
