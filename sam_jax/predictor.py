@@ -84,11 +84,14 @@ class SamPredictor:
             image = image[..., ::-1]
         self.set_transformed_image(self.transform.apply_image(np.ascontiguousarray(image)), image.shape[:2])
 
-    def set_transformed_image(self, transformed_image: np.ndarray, original_image_size: tuple[int, int]) -> None:
+    def set_transformed_image(
+        self, transformed_image: np.ndarray, original_image_size: tuple[int, int]
+    ) -> None:
         """Embeds an (H', W', 3) image already resized by `ResizeLongestSide` (the
         official `set_torch_image`, channels-last)."""
         s = self.model.config.image_size
-        if transformed_image.ndim != 3 or transformed_image.shape[2] != 3 or max(transformed_image.shape[:2]) != s:
+        shape = transformed_image.shape
+        if len(shape) != 3 or shape[2] != 3 or max(shape[:2]) != s:
             raise ValueError(
                 f"transformed image must be (H, W, 3) with longest side {s}; got {transformed_image.shape}"
             )
@@ -127,7 +130,9 @@ class SamPredictor:
         batch = lambda x: None if x is None else np.asarray(x)[None]
         boxes = batch(box) if np.ndim(box) == 1 else box  # (4,), or (1, 4) as the official accepts
         if boxes is not None and np.shape(boxes)[0] != 1:
-            raise ValueError(f"predict takes one box, (4,); got {np.shape(box)}: use predict_batch for several")
+            raise ValueError(
+                f"predict takes one box, (4,); got {np.shape(box)}: use predict_batch for several"
+            )
         masks, iou, low_res = self.predict_batch(
             batch(point_coords), batch(point_labels), boxes, batch(mask_input), multimask_output,
             return_logits,
@@ -158,7 +163,8 @@ class SamPredictor:
             n = coords.shape[1]
             coords = _pad_to(coords, 1, _bucket(n), 0.0)
             labels = _pad_to(labels, 1, _bucket(n), PADDING)
-        padded = [None if x is None else _pad_to(x, 0, _bucket(b), 0) for x in (coords, labels, boxes, mask_input)]
+        prompts = (coords, labels, boxes, mask_input)
+        padded = [None if x is None else _pad_to(x, 0, _bucket(b), 0) for x in prompts]
         logits, iou, low_res = _decode(
             self.model, self.params, self.features, *padded,
             bool(multimask_output), self.input_size, self.original_size,
@@ -181,11 +187,20 @@ class SamPredictor:
             point_coords = np.asarray(point_coords, np.float64)
             point_labels = np.asarray(point_labels)
             if point_coords.ndim != 3 or point_coords.shape[-1] != 2 or point_coords.shape[1] == 0:
-                raise ValueError(f"point_coords must be (N, 2) with N >= 1 (batched: (B, N, 2)); got {point_coords.shape}")
+                raise ValueError(
+                    f"point_coords must be (N, 2) with N >= 1 (batched: (B, N, 2)); "
+                    f"got {point_coords.shape}"
+                )
             if point_labels.shape != point_coords.shape[:2]:
-                raise ValueError(f"point_labels must have shape {point_coords.shape[:2]} to match point_coords; got {point_labels.shape}")
+                raise ValueError(
+                    f"point_labels must have shape {point_coords.shape[:2]} to match "
+                    f"point_coords; got {point_labels.shape}"
+                )
             if not np.isin(point_labels, POINT_LABELS).all():
-                raise ValueError(f"point_labels must be 1 (foreground), 0 (background) or -1; got {np.unique(point_labels)}")
+                raise ValueError(
+                    "point_labels must be 1 (foreground), 0 (background) or -1; "
+                    f"got {np.unique(point_labels)}"
+                )
             if not np.isfinite(point_coords).all():
                 raise ValueError("point_coords contain NaN or infinite values")
             point_labels = point_labels.astype(np.int32)
@@ -201,5 +216,8 @@ class SamPredictor:
             m = self.model.config.low_res_mask_size
             mask_input = np.asarray(mask_input, np.float32)
             if mask_input.ndim != 4 or mask_input.shape[1:] != (1, m, m):
-                raise ValueError(f"mask_input must be (1, {m}, {m}) (batched: (B, 1, {m}, {m})); got {mask_input.shape}")
+                raise ValueError(
+                    f"mask_input must be (1, {m}, {m}) (batched: (B, 1, {m}, {m})); "
+                    f"got {mask_input.shape}"
+                )
         return point_coords, point_labels, boxes, mask_input

@@ -6,8 +6,7 @@ import dataclasses
 import os
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-sys.path.insert(0, os.path.dirname(__file__))  # official_sam, parity helpers
+sys.path.insert(0, os.path.dirname(__file__))  # test modules import helpers from conftest
 
 import jax
 import numpy as np

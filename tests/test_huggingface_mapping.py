@@ -50,6 +50,7 @@ from transformers import SamConfig, SamModel
 from checkpoints_convert import huggingface
 from checkpoints_convert.huggingface import huggingface_to_official, is_huggingface_state_dict
 from checkpoints_convert.reference_model import ENCODER_CONFIGS, build_official_sam, randomize_zero_initialised
+from conftest import relative_error
 from sam_jax.errors import CheckpointError
 
 TOLERANCE = 1e-5
@@ -73,10 +74,6 @@ def numpy_state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
 def load_converted(official: torch.nn.Module, hf_state: dict[str, np.ndarray]) -> None:
     converted = huggingface_to_official(hf_state)
     official.load_state_dict({key: torch.from_numpy(value) for key, value in converted.items()}, strict=True)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return (torch.linalg.norm(actual - expected) / torch.linalg.norm(expected)).item()
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import make_official, relative_error, report, to_torch
+from experiments.sample_image import synthetic_image
 from sam_jax.modeling import Sam, postprocess_masks, preprocess
 
 SIZES = [
@@ -52,11 +53,8 @@ def pipeline(request):
     config, ref, params = make_official(request.param, seed=3)
     s = config.image_size
     input_size, original_size = (3 * s // 4, s), (3 * s // 4 * 25 // 32, s * 25 // 32)  # 768x1024, 600x800
-    rng = np.random.default_rng(1)
-    # Smooth colour fields plus noise: the range and structure of a photo.
-    yy, xx = np.mgrid[: input_size[0], : input_size[1]] / s
-    image = 128 + 60 * np.sin(6 * xx + np.array([0, 2, 4])[:, None, None]) * np.cos(4 * yy)
-    image = np.clip(image.transpose(1, 2, 0) + rng.normal(0, 20, (*input_size, 3)), 0, 255).astype(np.uint8)
+    rng = np.random.default_rng(1)  # prompts
+    image = synthetic_image(*input_size, seed=1)
 
     start = time.perf_counter()
     with torch.no_grad():
