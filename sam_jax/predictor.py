@@ -72,17 +72,8 @@ class SamPredictor:
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Embeds an (H, W, 3) uint8 image in `image_format` "RGB" or "BGR"."""
-        if image_format not in ("RGB", "BGR"):
-            raise ValueError(f"image_format must be 'RGB' or 'BGR'; got {image_format!r}")
-        image = np.asarray(image)
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
-            raise ValueError(
-                f"set_image expects an (H, W, 3) uint8 image; got {image.dtype} array of shape "
-                f"{image.shape} (convert grayscale or RGBA images to RGB first)"
-            )
-        if image_format == "BGR":
-            image = image[..., ::-1]
-        self.set_transformed_image(self.transform.apply_image(np.ascontiguousarray(image)), image.shape[:2])
+        image = as_rgb(image, image_format)
+        self.set_transformed_image(self.transform.apply_image(image), image.shape[:2])
 
     def set_transformed_image(
         self, transformed_image: np.ndarray, original_image_size: tuple[int, int]
@@ -153,18 +144,9 @@ class SamPredictor:
         boxes (B, 4), mask_input (B, 1, 256, 256). Returns (B, C, H, W) masks,
         (B, C) IoU predictions and (B, C, 256, 256) low-res logits."""
         self._require_image()
-        coords, labels, boxes, mask_input = self._check_prompts(point_coords, point_labels, boxes, mask_input)
-        if coords is not None:
-            coords = self.transform.apply_coords(coords, self.original_size).astype(np.float32)
-        if boxes is not None:
-            boxes = self.transform.apply_boxes(boxes, self.original_size).astype(np.float32)
-        b = next(x.shape[0] for x in (coords, boxes, mask_input) if x is not None)
-        if coords is not None:
-            n = coords.shape[1]
-            coords = _pad_to(coords, 1, _bucket(n), 0.0)
-            labels = _pad_to(labels, 1, _bucket(n), PADDING)
-        prompts = (coords, labels, boxes, mask_input)
-        padded = [None if x is None else _pad_to(x, 0, _bucket(b), 0) for x in prompts]
+        prompts = check_prompts(self.model.config, point_coords, point_labels, boxes, mask_input)
+        b, n = prompt_counts(*prompts)
+        padded = to_input_frame(self.transform, self.original_size, *prompts, _bucket(b), _bucket(n))
         logits, iou, low_res = _decode(
             self.model, self.params, self.features, *padded,
             bool(multimask_output), self.input_size, self.original_size,
@@ -177,47 +159,83 @@ class SamPredictor:
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
 
-    def _check_prompts(self, point_coords, point_labels, boxes, mask_input):
-        """Validates batched prompts in the original frame; returns them as numpy arrays."""
-        if point_coords is None and boxes is None and mask_input is None:
-            raise ValueError("no prompt: give point_coords + point_labels, a box, or a mask_input")
-        if (point_coords is None) != (point_labels is None):
-            raise ValueError("point_coords and point_labels must be given together")
-        if point_coords is not None:
-            point_coords = np.asarray(point_coords, np.float64)
-            point_labels = np.asarray(point_labels)
-            if point_coords.ndim != 3 or point_coords.shape[-1] != 2 or point_coords.shape[1] == 0:
-                raise ValueError(
-                    f"point_coords must be (N, 2) with N >= 1 (batched: (B, N, 2)); "
-                    f"got {point_coords.shape}"
-                )
-            if point_labels.shape != point_coords.shape[:2]:
-                raise ValueError(
-                    f"point_labels must have shape {point_coords.shape[:2]} to match "
-                    f"point_coords; got {point_labels.shape}"
-                )
-            if not np.isin(point_labels, POINT_LABELS).all():
-                raise ValueError(
-                    "point_labels must be 1 (foreground), 0 (background) or -1; "
-                    f"got {np.unique(point_labels)}"
-                )
-            if not np.isfinite(point_coords).all():
-                raise ValueError("point_coords contain NaN or infinite values")
-            point_labels = point_labels.astype(np.int32)
-        if boxes is not None:
-            boxes = np.asarray(boxes, np.float64)
-            if boxes.ndim != 2 or boxes.shape[1] != 4:
-                raise ValueError(f"box must be (4,) XYXY (batched: (B, 4)); got {boxes.shape}")
-            if not np.isfinite(boxes).all():
-                raise ValueError("box contains NaN or infinite values")
-            if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
-                raise ValueError(f"box must be XYXY with x1 >= x0 and y1 >= y0; got {boxes.tolist()}")
-        if mask_input is not None:
-            m = self.model.config.low_res_mask_size
-            mask_input = np.asarray(mask_input, np.float32)
-            if mask_input.ndim != 4 or mask_input.shape[1:] != (1, m, m):
-                raise ValueError(
-                    f"mask_input must be (1, {m}, {m}) (batched: (B, 1, {m}, {m})); "
-                    f"got {mask_input.shape}"
-                )
-        return point_coords, point_labels, boxes, mask_input
+
+def as_rgb(image: np.ndarray, image_format: str = "RGB") -> np.ndarray:
+    """Validates an (H, W, 3) uint8 image in "RGB" or "BGR"; returns it as contiguous RGB."""
+    if image_format not in ("RGB", "BGR"):
+        raise ValueError(f"image_format must be 'RGB' or 'BGR'; got {image_format!r}")
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+        raise ValueError(
+            f"expected an (H, W, 3) uint8 image; got {image.dtype} array of shape "
+            f"{image.shape} (convert grayscale or RGBA images to RGB first)"
+        )
+    return np.ascontiguousarray(image[..., ::-1] if image_format == "BGR" else image)
+
+
+def check_prompts(config, point_coords, point_labels, boxes, mask_input):
+    """Validates batched prompts in the original frame (`predict_batch`'s arguments);
+    returns them as numpy arrays (None where not given)."""
+    if point_coords is None and boxes is None and mask_input is None:
+        raise ValueError("no prompt: give point_coords + point_labels, a box, or a mask_input")
+    if (point_coords is None) != (point_labels is None):
+        raise ValueError("point_coords and point_labels must be given together")
+    if point_coords is not None:
+        point_coords = np.asarray(point_coords, np.float64)
+        point_labels = np.asarray(point_labels)
+        if point_coords.ndim != 3 or point_coords.shape[-1] != 2 or point_coords.shape[1] == 0:
+            raise ValueError(
+                f"point_coords must be (N, 2) with N >= 1 (batched: (B, N, 2)); "
+                f"got {point_coords.shape}"
+            )
+        if point_labels.shape != point_coords.shape[:2]:
+            raise ValueError(
+                f"point_labels must have shape {point_coords.shape[:2]} to match "
+                f"point_coords; got {point_labels.shape}"
+            )
+        if not np.isin(point_labels, POINT_LABELS).all():
+            raise ValueError(
+                "point_labels must be 1 (foreground), 0 (background) or -1; "
+                f"got {np.unique(point_labels)}"
+            )
+        if not np.isfinite(point_coords).all():
+            raise ValueError("point_coords contain NaN or infinite values")
+        point_labels = point_labels.astype(np.int32)
+    if boxes is not None:
+        boxes = np.asarray(boxes, np.float64)
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"box must be (4,) XYXY (batched: (B, 4)); got {boxes.shape}")
+        if not np.isfinite(boxes).all():
+            raise ValueError("box contains NaN or infinite values")
+        if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
+            raise ValueError(f"box must be XYXY with x1 >= x0 and y1 >= y0; got {boxes.tolist()}")
+    if mask_input is not None:
+        m = config.low_res_mask_size
+        mask_input = np.asarray(mask_input, np.float32)
+        if mask_input.ndim != 4 or mask_input.shape[1:] != (1, m, m):
+            raise ValueError(
+                f"mask_input must be (1, {m}, {m}) (batched: (B, 1, {m}, {m})); "
+                f"got {mask_input.shape}"
+            )
+    return point_coords, point_labels, boxes, mask_input
+
+
+def prompt_counts(coords, labels, boxes, mask_input) -> tuple[int, int]:
+    """(number of prompts B, points per prompt N) of validated prompts."""
+    b = next(x.shape[0] for x in (coords, boxes, mask_input) if x is not None)
+    return b, 0 if coords is None else coords.shape[1]
+
+
+def to_input_frame(transform, original_size, coords, labels, boxes, mask_input,
+                   num_prompts: int, num_points: int):
+    """Validated prompts in the original frame -> float32 prompts in the input frame, padded
+    to `num_prompts` prompts (padding rows are zeros, to be dropped) and `num_points`
+    points (padding points are labelled PADDING: masked out of the decoder)."""
+    if coords is not None:
+        coords = transform.apply_coords(coords, original_size).astype(np.float32)
+        coords = _pad_to(coords, 1, num_points, 0.0)
+        labels = _pad_to(labels, 1, num_points, PADDING)
+    if boxes is not None:
+        boxes = transform.apply_boxes(boxes, original_size).astype(np.float32)
+    prompts = (coords, labels, boxes, mask_input)
+    return tuple(None if x is None else _pad_to(x, 0, num_prompts, 0) for x in prompts)

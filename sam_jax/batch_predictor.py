@@ -1,0 +1,204 @@
+"""`SamBatchPredictor`: many images of different sizes, many prompts each, data-parallel.
+
+`set_images` resizes each image on the host (the official longest-side
+resize), zero-pads them to one (B, S, S, 3) uint8 batch and encodes it in one
+jitted call whose batch axis is sharded over a 1-D device mesh ("data"):
+every local device, and on a multi-host slice every process's devices, each
+process passing only its own images. `predict_batch` decodes every image's
+prompts in one jitted call sharded the same way (prompt and point counts are
+padded to a common power of two, padding masked out exactly as in
+`SamPredictor`), then upsamples each image's logits to its original size on
+the device that holds them.
+
+The batch is padded with blank images up to a multiple of the device count;
+their results are dropped. Results equal `SamPredictor`'s image by image.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sam_jax.modeling import Sam, postprocess_masks
+from sam_jax.predictor import _bucket, as_rgb, check_prompts, prompt_counts, to_input_frame
+from sam_jax.transforms import ResizeLongestSide
+
+DATA_AXIS = "data"
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_batch(model: Sam, params, images: jax.Array, input_sizes: jax.Array) -> jax.Array:
+    """(B, S, S, 3) uint8 images zero-padded from (B, 2) input sizes -> (B, h, w, D)."""
+    cfg = model.config
+    s = cfg.image_size
+    x = (images.astype(jnp.float32) - jnp.asarray(cfg.pixel_mean, jnp.float32)) / jnp.asarray(
+        cfg.pixel_std, jnp.float32
+    )
+    rows = jnp.arange(s)[None, :, None] < input_sizes[:, 0, None, None]
+    cols = jnp.arange(s)[None, None, :] < input_sizes[:, 1, None, None]
+    x = jnp.where((rows & cols)[..., None], x, 0.0)  # `preprocess` pads after normalising
+    return model.apply({"params": params}, x, method=Sam.encode_image)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _decode_batch(model: Sam, params, features, coords, labels, boxes, multimask_output: bool,
+                  masks=None):
+    """Per image b: features (B, h, w, D), prompts (B, P, ...) -> low-res logits
+    (B, P, C, 4h, 4w) and IoU predictions (B, P, C)."""
+
+    def one_image(f, c, l, b, m):
+        return model.apply({"params": params}, f[None], c, l, b, m, multimask_output,
+                           method=Sam.decode)
+
+    return jax.vmap(one_image)(features, coords, labels, boxes, masks)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _upsample(low_res: jax.Array, input_size: tuple, original_size: tuple, image_size: int):
+    return postprocess_masks(low_res, input_size, original_size, image_size)
+
+
+class SamBatchPredictor:
+    def __init__(self, model: Sam, params: Any, devices: Optional[Sequence[jax.Device]] = None):
+        """`model, params = sam_jax.load_sam(path)`. `devices`: the mesh, default all
+        devices of all processes; params are replicated on each."""
+        self.model = model
+        self.mesh = Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
+        self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+        self.transform = ResizeLongestSide(model.config.image_size)
+        self.reset_images()
+
+    def reset_images(self) -> None:
+        self.features: Optional[jax.Array] = None  # (B_global, h, w, D), sharded on B
+        self.original_sizes: list[tuple[int, int]] = []  # this process's images
+        self.input_sizes: list[tuple[int, int]] = []
+
+    @property
+    def num_images(self) -> int:
+        """Images set on this process."""
+        return len(self.original_sizes)
+
+    def set_images(self, images: Sequence[np.ndarray], image_format: str = "RGB") -> None:
+        """Embeds this process's (H_i, W_i, 3) uint8 images (sizes may differ)."""
+        if len(images) == 0:
+            raise ValueError("set_images needs at least one image")
+        self.reset_images()
+        resized = []
+        for i, image in enumerate(images):
+            try:
+                resized.append(self.transform.apply_image(as_rgb(image, image_format)))
+            except ValueError as e:
+                raise ValueError(f"image {i}: {e}") from None
+        s = self.model.config.image_size
+        batch = np.zeros((self._local_batch(len(images)), s, s, 3), np.uint8)
+        for i, x in enumerate(resized):
+            batch[i, : x.shape[0], : x.shape[1]] = x
+        input_sizes = np.zeros((batch.shape[0], 2), np.int32)
+        input_sizes[: len(resized)] = [x.shape[:2] for x in resized]
+        self.features = _encode_batch(
+            self.model, self.params, self._shard(batch), self._shard(input_sizes)
+        )
+        self.original_sizes = [np.shape(image)[:2] for image in images]
+        self.input_sizes = [x.shape[:2] for x in resized]
+
+    def predict_batch(
+        self,
+        prompts: Sequence[dict],
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Decodes every image's prompts at once.
+
+        Args:
+          prompts: one dict per set image, with `SamPredictor.predict_batch`'s
+            arguments in that image's original frame: point_coords (P_i, N_i, 2)
+            with point_labels (P_i, N_i), boxes (P_i, 4), mask_input
+            (P_i, 1, 256, 256). Every image must give the same kinds of prompt.
+        Returns:
+          per image: masks (P_i, C, H_i, W_i) (logits if return_logits), IoU
+          predictions (P_i, C) and low-res logits (P_i, C, 256, 256).
+        """
+        if self.features is None:
+            raise RuntimeError("Images must be set with .set_images(...) before mask prediction.")
+        if len(prompts) != self.num_images:
+            raise ValueError(f"got prompts for {len(prompts)} images; {self.num_images} are set")
+        checked = []
+        for i, p in enumerate(prompts):
+            unknown = set(p) - {"point_coords", "point_labels", "boxes", "mask_input"}
+            if unknown:
+                raise ValueError(f"image {i}: unknown prompt keys {sorted(unknown)}")
+            try:
+                checked.append(check_prompts(
+                    self.model.config, p.get("point_coords"), p.get("point_labels"),
+                    p.get("boxes"), p.get("mask_input"),
+                ))
+            except ValueError as e:
+                raise ValueError(f"image {i}: {e}") from None
+        kinds = {tuple(x is not None for x in c) for c in checked}
+        if len(kinds) > 1:
+            raise ValueError("every image must give the same kinds of prompt (points, boxes, masks)")
+        counts = np.array([prompt_counts(*c) for c in checked])
+        num_prompts, num_points = (_bucket(int(n)) for n in self._global_max(counts.max(0)))
+        padded = [
+            to_input_frame(self.transform, size, *c, num_prompts, num_points)
+            for c, size in zip(checked, self.original_sizes)
+        ]
+        local_batch = self.features.shape[0] // jax.process_count()
+        stacked = []
+        for k, first in enumerate(padded[0]):
+            if first is None:
+                stacked.append(None)
+                continue
+            x = np.zeros((local_batch, *first.shape), first.dtype)
+            x[: len(padded)] = [p[k] for p in padded]
+            stacked.append(self._shard(x))
+        coords, labels, boxes, masks = stacked
+        low_res, iou = _decode_batch(
+            self.model, self.params, self.features, coords, labels, boxes,
+            bool(multimask_output), masks,
+        )
+        return [
+            self._finish(low_res_i, iou_i, i, int(counts[i, 0]), return_logits)
+            for i, (low_res_i, iou_i) in enumerate(zip(_local_rows(low_res), _local_rows(iou)))
+            if i < self.num_images
+        ]
+
+    def _finish(self, low_res, iou, i, num_prompts, return_logits):
+        """One image's padded device outputs -> numpy results at its original size."""
+        low_res = low_res[:num_prompts]
+        logits = _upsample(
+            low_res, self.input_sizes[i], self.original_sizes[i], self.model.config.image_size
+        )
+        logits = logits if return_logits else logits > self.model.config.mask_threshold
+        return np.asarray(logits), np.asarray(iou[:num_prompts]), np.asarray(low_res)
+
+    def _local_batch(self, n: int) -> int:
+        """Rows this process contributes: the largest image count of any process, rounded
+        up to a multiple of this process's devices in the mesh."""
+        n = int(self._global_max(np.array([n]))[0])
+        local = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+        return -(-n // local) * local
+
+    def _shard(self, local: np.ndarray) -> jax.Array:
+        """This process's rows -> a global array sharded over the mesh's data axis."""
+        sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+        return jax.make_array_from_process_local_data(sharding, local)
+
+    @staticmethod
+    def _global_max(x: np.ndarray) -> np.ndarray:
+        if jax.process_count() == 1:
+            return x
+        return np.asarray(multihost_utils.process_allgather(x)).max(0)
+
+
+def _local_rows(x: jax.Array) -> list[jax.Array]:
+    """The rows of a batch-sharded array that live on this process, in order, each left on
+    its device."""
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return [row for s in shards for row in s.data]
