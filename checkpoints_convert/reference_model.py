@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import os
 import sys
 import types
 
@@ -35,6 +36,20 @@ def _import_modeling():
 
 
 modeling = _import_modeling()
+
+# Faithful stand-ins for the few torchvision functions the official predictor and
+# automatic mask generator import (torchvision has no CPU build here); see its README.
+STAND_INS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "stand_ins")
+
+
+def official_module(name: str) -> types.ModuleType:
+    """An official `segment_anything.<name>` module that imports torchvision (e.g.
+    "predictor", "automatic_mask_generator"), imported on the stand-ins."""
+    sys.path.insert(0, STAND_INS)
+    try:
+        return importlib.import_module(f"segment_anything.{name}")
+    finally:
+        sys.path.remove(STAND_INS)
 
 # The official configurations, as in `segment_anything/build_sam.py`.
 ENCODER_CONFIGS = {

@@ -59,9 +59,12 @@ def _decode_batch(model: Sam, params, features, coords, labels, boxes, multimask
     return jax.vmap(one_image)(features, coords, labels, boxes, masks)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _upsample(low_res: jax.Array, input_size: tuple, original_size: tuple, image_size: int):
-    return postprocess_masks(low_res, input_size, original_size, image_size)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _upsample(low_res: jax.Array, input_size: tuple, original_size: tuple, image_size: int,
+              threshold: Optional[float]):
+    """Low-res logits -> logits at the original size, or masks (logits > threshold)."""
+    logits = postprocess_masks(low_res, input_size, original_size, image_size)
+    return logits if threshold is None else logits > threshold
 
 
 class SamBatchPredictor:
@@ -172,11 +175,10 @@ class SamBatchPredictor:
     def _finish(self, low_res, iou, i, num_prompts, return_logits):
         """One image's padded device outputs -> numpy results at its original size."""
         low_res = low_res[:num_prompts]
-        logits = _upsample(
-            low_res, self.input_sizes[i], self.original_sizes[i], self.model.config.image_size
-        )
-        logits = logits if return_logits else logits > self.model.config.mask_threshold
-        return np.asarray(logits), np.asarray(iou[:num_prompts]), np.asarray(low_res)
+        cfg = self.model.config
+        masks = _upsample(low_res, self.input_sizes[i], self.original_sizes[i], cfg.image_size,
+                          None if return_logits else cfg.mask_threshold)
+        return np.asarray(masks), np.asarray(iou[:num_prompts]), np.asarray(low_res)
 
     def _local_batch(self, n: int) -> int:
         """Rows this process contributes: the largest image count of any process, rounded

@@ -33,16 +33,19 @@ def _encode(model: Sam, params, image: jax.Array) -> jax.Array:
     return model.apply({"params": params}, image, method=Sam.encode_image)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9))
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
 def _decode(model: Sam, params, features, coords, labels, boxes, masks,
-            multimask_output: bool, input_size: tuple, original_size: tuple):
-    """Prompts in the input frame -> (logits at original size, IoU, low-res logits)."""
+            multimask_output: bool, input_size: tuple, original_size: tuple,
+            return_logits: bool = True):
+    """Prompts in the input frame -> (masks at original size: logits, or booleans
+    unless return_logits; IoU; low-res logits)."""
     low_res, iou = model.apply(
         {"params": params}, features, coords, labels, boxes, masks, multimask_output,
         method=Sam.decode,
     )
     logits = postprocess_masks(low_res, input_size, original_size, model.config.image_size)
-    return logits, iou, low_res
+    # Thresholding inside the jit fuses it into the upsampling: no full-size float masks.
+    return (logits if return_logits else logits > model.config.mask_threshold), iou, low_res
 
 
 def _bucket(n: int) -> int:
@@ -147,13 +150,11 @@ class SamPredictor:
         prompts = check_prompts(self.model.config, point_coords, point_labels, boxes, mask_input)
         b, n = prompt_counts(*prompts)
         padded = to_input_frame(self.transform, self.original_size, *prompts, _bucket(b), _bucket(n))
-        logits, iou, low_res = _decode(
+        masks, iou, low_res = _decode(
             self.model, self.params, self.features, *padded,
-            bool(multimask_output), self.input_size, self.original_size,
+            bool(multimask_output), self.input_size, self.original_size, bool(return_logits),
         )
-        logits, iou, low_res = (np.asarray(x)[:b] for x in (logits, iou, low_res))
-        masks = logits if return_logits else logits > self.model.config.mask_threshold
-        return masks, iou, low_res
+        return tuple(np.asarray(x[:b]) for x in (masks, iou, low_res))
 
     def _require_image(self) -> None:
         if not self.is_image_set:

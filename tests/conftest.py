@@ -74,14 +74,4 @@ def convert_module_params(flax_module, torch_module: torch.nn.Module, *init_args
     return unflatten({p: to_flax_array(p, state_dict[k].detach().numpy()) for p, k in keys.items()})
 
 
-def official_module(name: str):
-    """An official `segment_anything.<name>` module that imports torchvision, on the stand-ins."""
-    import importlib
-
-    reference_model.modeling  # registers the bare `segment_anything` package
-    stand_ins = os.path.join(os.path.dirname(__file__), "stand_ins")
-    sys.path.insert(0, stand_ins)
-    try:
-        return importlib.import_module(f"segment_anything.{name}")
-    finally:
-        sys.path.remove(stand_ins)
+official_module = reference_model.official_module  # official modules that import torchvision

@@ -53,13 +53,17 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
     return rel_pos[relative.astype(np.int64)]
 
 
-def window_partition(x: jax.Array, window_size: int) -> tuple[jax.Array, tuple[int, int]]:
-    """(B, H, W, C) -> (B * nWin, ws, ws, C), zero-padding H by pad_h and W by pad_w."""
+def window_partition(
+    x: jax.Array, window_size: int, fill: jax.Array | float = 0.0
+) -> tuple[jax.Array, tuple[int, int]]:
+    """(B, H, W, C) -> (B * nWin, ws, ws, C), padding H and W up to multiples of the
+    window with `fill` (a scalar, or a (C,)-broadcastable token; the original pads zeros)."""
     b, h, w, c = x.shape
-    pad_h = (window_size - h % window_size) % window_size
-    pad_w = (window_size - w % window_size) % window_size
-    x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-    hp, wp = h + pad_h, w + pad_w
+    hp = -(-h // window_size) * window_size
+    wp = -(-w // window_size) * window_size
+    if (hp, wp) != (h, w):
+        padded = jnp.broadcast_to(jnp.asarray(fill, x.dtype), (b, hp, wp, c))
+        x = jax.lax.dynamic_update_slice(padded, x, (0, 0, 0, 0))
     x = x.reshape(b, hp // window_size, window_size, wp // window_size, window_size, c)
     windows = x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
     return windows, (hp, wp)
@@ -78,10 +82,12 @@ def window_unpartition(
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over a (B, H, W, C) grid with decomposed rel-pos bias."""
+    """Multi-head self-attention over a (B, H, W, C) grid with decomposed rel-pos bias,
+    global or within `window_size` windows."""
 
     num_heads: int
-    input_size: tuple[int, int]  # grid the rel-pos tables are sized for
+    input_size: tuple[int, int]  # grid the rel-pos tables are sized for (the window if windowed)
+    window_size: int = 0  # 0: global attention
     query_chunk_size: Optional[int] = None  # see ImageEncoderViT
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -89,9 +95,25 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
-        n, head_dim = self.num_heads, c // self.num_heads
         dense = lambda f, name: nn.Dense(f, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-        qkv = dense(3 * c, "qkv")(x).reshape(b, h * w, 3, n, head_dim)
+        qkv_layer = dense(3 * c, "qkv")
+        qkv = qkv_layer(x)  # (B, H, W, 3C)
+        if self.window_size > 0:
+            # The original zero-pads the grid before qkv; a zero token's qkv is the bias,
+            # so padding qkv with it is the same and skips the padded tokens' matmuls.
+            fill = qkv_layer(jnp.zeros((1, 1, 1, c), x.dtype))
+            qkv, pad_hw = window_partition(qkv, self.window_size, fill)
+        out = self._attend(qkv)
+        if self.window_size > 0:
+            out = window_unpartition(out, self.window_size, pad_hw, (h, w))
+        return dense(c, "proj")(out)
+
+    def _attend(self, qkv: jax.Array) -> jax.Array:
+        """(B', H', W', 3C) queries, keys, values of one grid or window -> (B', H', W', C)."""
+        b, h, w, c = qkv.shape
+        c //= 3
+        n, head_dim = self.num_heads, c // self.num_heads
+        qkv = qkv.reshape(b, h * w, 3, n, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim)
 
         table = lambda name, size: self.param(
@@ -125,8 +147,7 @@ class Attention(nn.Module):
             split = lambda t: jnp.moveaxis(t.reshape(b, n, -1, chunk, t.shape[-1]), 2, 0)
             out = jax.lax.map(lambda a: attend(*a), (split(queries), split(rel_h), split(rel_w)))
             out = jnp.moveaxis(out, 0, 2).reshape(b, n, h * w, head_dim)
-        out = out.transpose(0, 2, 1, 3).reshape(b, h, w, c)
-        return dense(c, "proj")(out)
+        return out.transpose(0, 2, 1, 3).reshape(b, h, w, c)
 
 
 class Block(nn.Module):
@@ -143,17 +164,16 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        shortcut = x
-        x = LayerNorm(name="norm1", **kw)(x)
-        h, w = x.shape[1:3]
-        if self.window_size > 0:
-            x, pad_hw = window_partition(x, self.window_size)
-        attn_size = (self.window_size,) * 2 if self.window_size > 0 else self.input_size
-        chunk = None if self.window_size > 0 else self.query_chunk_size
-        x = Attention(self.num_heads, attn_size, chunk, name="attn", **kw)(x)
-        if self.window_size > 0:
-            x = window_unpartition(x, self.window_size, pad_hw, (h, w))
-        x = shortcut + x
+        windowed = self.window_size > 0
+        attention = Attention(
+            self.num_heads,
+            (self.window_size,) * 2 if windowed else self.input_size,
+            self.window_size,
+            None if windowed else self.query_chunk_size,
+            name="attn",
+            **kw,
+        )
+        x = x + attention(LayerNorm(name="norm1", **kw)(x))
         mlp = MLPBlock(int(x.shape[-1] * self.mlp_ratio), name="mlp", **kw)
         return x + mlp(LayerNorm(name="norm2", **kw)(x))
 

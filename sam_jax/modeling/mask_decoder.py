@@ -72,7 +72,7 @@ class MaskDecoder(nn.Module):
           image_embeddings: (B, h, w, D), or (1, h, w, D) shared by all B prompts.
           image_pe: (1, h, w, D).
           sparse_prompt_embeddings: (B, N, D).
-          dense_prompt_embeddings: (B, h, w, D).
+          dense_prompt_embeddings: (B, h, w, D), or (1, h, w, D) shared by all B prompts.
           multimask_output: static; True returns tokens 1..3, False token 0.
           sparse_prompt_mask: optional (B, N) bool, False for padding tokens.
         Returns:

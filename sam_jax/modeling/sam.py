@@ -83,6 +83,10 @@ class Sam(nn.Module):
         self._check_prompts(image_embeddings, point_coords, point_labels, boxes, mask_inputs)
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points, boxes, mask_inputs)
+        if mask_inputs is None:
+            # Every row is `no_mask_embed`: with one image, the decoder's first layer then
+            # does its image-side work once for all prompts.
+            dense = dense[:1]
         sparse_mask = None
         if points is not None:  # tokens: points, the official pad point if no box, box corners
             valid = jnp.ones((sparse.shape[0], sparse.shape[1] - point_labels.shape[1]), bool)
@@ -167,6 +171,6 @@ def postprocess_masks(
     Bilinear (align_corners=False, no antialias) to image_size, crop to the
     unpadded `input_size`, bilinear to `original_size` (H, W).
     """
-    masks = resize_bilinear(masks, (image_size, image_size))
-    masks = masks[..., : input_size[0], : input_size[1]]
+    # Only the rows and columns that survive the crop are computed.
+    masks = resize_bilinear(masks, (image_size, image_size), keep=tuple(input_size))
     return resize_bilinear(masks, tuple(original_size))

@@ -27,7 +27,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, key_mask=None) -> jax.Array:
-        """(B, Nq, D), (B, Nk, D), (B, Nk, D) -> (B, Nq, D); keys where key_mask (B, Nk) is False are ignored."""
+        """(B, Nq, D), (B, Nk, D), (B, Nk, D) -> (B, Nq, D); keys where key_mask (B, Nk) is False
+        are ignored. Either q or k and v may have batch 1 (shared by all B)."""
         embedding_dim = q.shape[-1]
         internal_dim = embedding_dim // self.downsample_rate
         if internal_dim % self.num_heads:
@@ -37,13 +38,19 @@ class Attention(nn.Module):
         q = heads(dense(internal_dim, "q_proj")(q))
         k = heads(dense(internal_dim, "k_proj")(k))
         v = heads(dense(internal_dim, "v_proj")(v))
-        logits = jnp.einsum("bqnc,bknc->bnqk", q, k, preferred_element_type=jnp.float32)
+        # Queries or keys/values may have batch 1, shared by all B prompts (the decoder's
+        # first layer sees the same image for every prompt): then they are projected once.
+        b = max(q.shape[0], k.shape[0])
+        sq, sk = ("b" if x.shape[0] == b else "" for x in (q, k))
+        shared = lambda x, s: x if s else x[0]
+        logits = jnp.einsum(f"{sq}qnc,{sk}knc->bnqk", shared(q, sq), shared(k, sk),
+                            preferred_element_type=jnp.float32)
         logits = logits / math.sqrt(q.shape[-1])
         if key_mask is not None:  # exp(-inf) = 0: a masked key adds exactly nothing
             logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
         attn = softmax_fp32(logits, self.dtype)
-        out = jnp.einsum("bnqk,bknc->bqnc", attn, v).reshape(*q.shape[:2], internal_dim)
-        return dense(embedding_dim, "out_proj")(out)
+        out = jnp.einsum(f"bnqk,{sk}knc->bqnc", attn, shared(v, sk))
+        return dense(embedding_dim, "out_proj")(out.reshape(b, q.shape[1], internal_dim))
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -94,7 +101,7 @@ class TwoWayTransformer(nn.Module):
         """Runs the transformer.
 
         Args:
-          image_embedding: (B, h, w, D).
+          image_embedding: (B, h, w, D), or (1, h, w, D) shared by all B prompts.
           image_pe: (B, h, w, D) positional encoding of the image grid.
           point_embedding: (B, N, D) tokens.
           token_mask: optional (B, N) bool; False tokens (padding) are never

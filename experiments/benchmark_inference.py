@@ -1,0 +1,218 @@
+"""Inference speed: sam_jax vs the official PyTorch code, same machine, same run.
+
+    python -m experiments.benchmark_inference --model-type vit_b --repeats 3
+
+Measures, on the same random official-layout weights, fp32, with the same
+thread count for both:
+  encoder     image-encoder latency at batch 1 and throughput at batch 4;
+  decoder     `predict` with 1 point and `predict_torch`/`predict_batch` with
+              64 boxes on a set 768x1024 image: prompt transform, decoder,
+              upsampling to the original size, threshold, numpy masks;
+  amg         `SamAutomaticMaskGenerator.generate` on one 768x1024 image with
+              the default 32x32 grid (encoder included), with the default
+              thresholds and with thresholds at 0 (every mask survives to NMS
+              and RLE: random weights rarely pass the defaults).
+Every timing is a median over `--repeats` runs after a warm-up run (which
+includes JAX compilation, reported separately). The FLOP floor is the
+encoder's FLOPs over the fp32 matmul rate measured in this run. Writes JSON
+(default workdir/benchmarks/inference_<model>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.sample_image import synthetic_image
+from sam_jax.configs import CONFIGS, SamConfig
+from sam_jax.modeling import Sam
+
+PARTS = ("encoder", "decoder", "amg")
+ORIGINAL_SIZE = (768, 1024)  # (H, W) of the decoder and AMG image
+
+
+def encoder_flops(config: SamConfig, batch: int) -> float:
+    """2 x multiply-adds of the image encoder as the original computes it: dense layers,
+    attention, rel-pos terms, convs (qkv and proj over the zero-padded windows)."""
+    e = config.encoder
+    c, g, w = e.embed_dim, e.grid_size, e.window_size
+    tokens = g * g
+    padded_tokens = (-(-g // w) * w) ** 2  # windowed blocks attend over the padded grid
+    flops = 2 * tokens * 3 * e.patch_size**2 * c  # patch embedding
+    for i in range(e.depth):
+        span, side = (tokens, g) if i in e.global_attn_indexes else (w * w, w)
+        queries = tokens if i in e.global_attn_indexes else padded_tokens
+        flops += 2 * queries * 4 * c * c  # qkv and proj
+        flops += 2 * tokens * 2 * c * int(c * e.mlp_ratio)  # MLP
+        flops += 2 * 2 * queries * span * c  # q @ k and attn @ v
+        flops += 2 * 2 * queries * side * c  # decomposed rel-pos (h and w)
+    flops += 2 * tokens * (c * e.out_chans + 9 * e.out_chans**2)  # neck
+    return float(batch * flops)
+
+
+def matmul_rate(n: int = 4096, repeats: int = 5) -> float:
+    """Measured fp32 JAX matmul rate, FLOP/s."""
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    return 2 * n**3 / timed(lambda: f(a).block_until_ready(), repeats)["median_s"]
+
+
+def timed(fn, repeats: int) -> dict:
+    """Median and spread of `repeats` wall-clock runs of fn (after the caller's warm-up)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def first_run(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def compare(result: dict, name: str, ours, official, repeats: int) -> None:
+    """Warms up and times both callables; records medians and the speed-up."""
+    entry = {"jax_first_run_s": first_run(ours), "torch_first_run_s": first_run(official)}
+    entry["jax"] = timed(ours, repeats)
+    entry["torch"] = timed(official, repeats)
+    entry["speedup_vs_torch"] = entry["torch"]["median_s"] / entry["jax"]["median_s"]
+    result[name] = entry
+    print(f"{name}: sam_jax {entry['jax']['median_s']:.3f} s, torch {entry['torch']['median_s']:.3f} s, "
+          f"{entry['speedup_vs_torch']:.2f}x", flush=True)
+
+
+def bench_encoder(result, config, model, params, reference, repeats):
+    import torch
+
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=Sam.encode_image))
+    s = config.image_size
+    for batch in (1, 4):
+        images = np.random.default_rng(batch).normal(size=(batch, s, s, 3)).astype(np.float32)
+        x = jnp.asarray(images)
+        torch_x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+        name = f"encoder_b{batch}"
+        with torch.no_grad():
+            compare(result, name, lambda: encode(params, x).block_until_ready(),
+                    lambda: reference.image_encoder(torch_x), repeats)
+        entry = result[name]
+        entry["gflops"] = encoder_flops(config, batch) / 1e9
+        entry["flop_floor_s"] = entry["gflops"] / result["matmul_gflops_per_s"]
+        entry["jax_over_flop_floor"] = entry["jax"]["median_s"] / entry["flop_floor_s"]
+        entry["torch_over_flop_floor"] = entry["torch"]["median_s"] / entry["flop_floor_s"]
+        entry["jax_images_per_s"] = batch / entry["jax"]["median_s"]
+        entry["torch_images_per_s"] = batch / entry["torch"]["median_s"]
+
+
+def bench_decoder(result, model, params, reference, repeats):
+    import torch
+
+    from checkpoints_convert.reference_model import official_module
+    from sam_jax.predictor import SamPredictor
+
+    image = synthetic_image(*ORIGINAL_SIZE, seed=0)
+    ours = SamPredictor(model, params)
+    ours.set_image(image)
+    official = official_module("predictor").SamPredictor(reference)
+    with torch.no_grad():
+        official.set_image(image)
+    h, w = ORIGINAL_SIZE
+    point, label = np.array([[w * 0.4, h * 0.6]]), np.array([1])
+    rng = np.random.default_rng(0)
+    corners = np.sort(rng.uniform(0, 1, (64, 2, 2)), axis=1) * [w, h]
+    boxes = corners.reshape(64, 4)  # XYXY
+
+    def official_64():
+        torch_boxes = official.transform.apply_boxes_torch(torch.from_numpy(boxes).float(), (h, w))
+        masks, iou, low_res = official.predict_torch(None, None, torch_boxes, multimask_output=True)
+        return masks.numpy(), iou.numpy(), low_res.numpy()
+
+    with torch.no_grad():
+        compare(result, "decoder_1_prompt",
+                lambda: ours.predict(point, label, multimask_output=True),
+                lambda: official.predict(point, label, multimask_output=True), repeats)
+        compare(result, "decoder_64_prompts",
+                lambda: ours.predict_batch(boxes=boxes, multimask_output=True), official_64, repeats)
+    result["decoder_64_prompts"]["masks_shape"] = [64, 3, h, w]
+
+
+def bench_amg(result, model, params, reference, repeats):
+    import torch
+
+    from checkpoints_convert.reference_model import official_module
+    from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
+
+    official_amg = official_module("automatic_mask_generator").SamAutomaticMaskGenerator
+    image = synthetic_image(*ORIGINAL_SIZE, seed=0)
+    settings = {
+        "amg_default_thresholds": {},
+        "amg_zero_thresholds": dict(pred_iou_thresh=0.0, stability_score_thresh=0.0),
+    }
+    for name, kwargs in settings.items():
+        ours = SamAutomaticMaskGenerator(model, params, **kwargs)
+        official = official_amg(reference, **kwargs)
+        with torch.no_grad():
+            compare(result, name, lambda: ours.generate(image), lambda: official.generate(image), repeats)
+            result[name]["records"] = {"jax": len(ours.generate(image)),
+                                       "torch": len(official.generate(image))}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-type", default="vit_b", choices=sorted(CONFIGS))
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args(argv)
+    parts = args.parts.split(",")
+    if not set(parts) <= set(PARTS):
+        parser.error(f"--parts must be a subset of {PARTS}; got {args.parts!r}")
+
+    import torch
+
+    from checkpoints_convert import reference_model
+    from checkpoints_convert.official import official_to_flax
+
+    config = CONFIGS[args.model_type]
+    threads = os.cpu_count()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    reference = reference_model.build_official_for(config).eval()
+    params = official_to_flax(reference_model.state_dict_numpy(reference), config)
+    model = Sam(config)
+    result = {
+        "model_type": args.model_type, "repeats": args.repeats, "dtype": "float32",
+        "threads": threads, "machine": platform.processor() or platform.machine(),
+        "jax": jax.__version__, "backend": jax.default_backend(), "torch": torch.__version__,
+        "matmul_gflops_per_s": matmul_rate() / 1e9,
+    }
+    if "encoder" in parts:
+        bench_encoder(result, config, model, params, reference, args.repeats)
+    if "decoder" in parts:
+        bench_decoder(result, model, params, reference, args.repeats)
+    if "amg" in parts:
+        bench_amg(result, model, params, reference, args.repeats)
+    result["matmul_gflops_per_s_after"] = matmul_rate() / 1e9  # the rate drifts on shared machines
+
+    output = args.output or Path("workdir/benchmarks") / f"inference_{args.model_type}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"wrote {output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
