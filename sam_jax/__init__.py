@@ -1,5 +1,6 @@
 """sam_jax: Segment Anything in JAX/Flax."""
 
+from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
 from sam_jax.checkpoint import load_sam, save_params
 from sam_jax.configs import CONFIGS, ImageEncoderConfig, SamConfig, get_config
 from sam_jax.errors import CheckpointError
@@ -13,6 +14,7 @@ __all__ = [
     "ImageEncoderConfig",
     "ResizeLongestSide",
     "Sam",
+    "SamAutomaticMaskGenerator",
     "SamConfig",
     "SamPredictor",
     "get_config",

@@ -107,6 +107,12 @@ def test_linear_resize_matches_torch_interpolate_without_antialias(in_size, out_
     x = rng.normal(size=(2, 3, in_size)).astype(np.float32)
     expected = F.interpolate(to_torch(x), size=out_size, mode="linear", align_corners=False)
     assert relative_error(resize_linear(x, out_size, axis=-1), expected) < 1e-6
+    # Any axis, and `keep`: the first samples only (what postprocess_masks keeps of its crop).
+    keep = max(1, out_size * 2 // 3)
+    for banded in (False, True):
+        assert relative_error(resize_linear(x, out_size, -1, banded=banded), expected) < 1e-6
+        moved = resize_linear(np.moveaxis(x, -1, 1), out_size, axis=1, keep=keep, banded=banded)
+        assert relative_error(np.moveaxis(moved, 1, -1), expected[..., :keep]) < 1e-6
 
 
 def test_bilinear_resize_matches_torch_and_jax_image_resize_does_not():

@@ -165,12 +165,14 @@ def postprocess_masks(
     input_size: tuple[int, int],
     original_size: tuple[int, int],
     image_size: int,
+    banded: bool = False,
 ) -> jax.Array:
     """(..., 4h, 4w) logits -> (..., *original_size) logits.
 
     Bilinear (align_corners=False, no antialias) to image_size, crop to the
-    unpadded `input_size`, bilinear to `original_size` (H, W).
+    unpadded `input_size`, bilinear to `original_size` (H, W). `banded`: see
+    `interpolate.resize_linear`.
     """
     # Only the rows and columns that survive the crop are computed.
-    masks = resize_bilinear(masks, (image_size, image_size), keep=tuple(input_size))
-    return resize_bilinear(masks, tuple(original_size))
+    masks = resize_bilinear(masks, (image_size, image_size), tuple(input_size), banded)
+    return resize_bilinear(masks, tuple(original_size), banded=banded)

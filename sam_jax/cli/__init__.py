@@ -1,0 +1,103 @@
+"""The `sam-jax` command line.
+
+    sam-jax convert sam_vit_b_01ec64.pth converted/vit_b
+    sam-jax segment --checkpoint converted/vit_b --input photo.jpg --output out/ --point-coords "500,375"
+    sam-jax segment --checkpoint converted/vit_b --input photos/ --output out/ --prompts prompts.json
+    sam-jax amg --checkpoint converted/vit_b --input photos/ --output masks/ [--convert-to-rle]
+
+`sam-jax <command> --help` describes each. Bad input (a missing or
+unreadable file, a malformed prompt, a checkpoint of the wrong kind) is one
+line on stderr, `sam-jax: error: ...`, with exit status 2 and nothing written.
+Also `python -m sam_jax.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from typing import NoReturn, Optional
+
+from sam_jax import param_layout
+from sam_jax.cli import generate, segment
+from sam_jax.cli.common import PROG, UsageError
+from sam_jax.configs import CONFIGS
+from sam_jax.errors import CheckpointError
+
+__all__ = ["main"]
+
+NUMERIC_VALUE_FLAGS = ("--point-coords", "--point-labels", "--box")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (argparse prints the usage block too)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{PROG}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from checkpoints_convert.convert import convert_checkpoint
+
+    start = time.perf_counter()
+    config = convert_checkpoint(args.source, args.output, args.model_type, args.layout)
+    print(f"converted {args.source} ({config.name}, {args.layout}) -> {args.output} "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
+                     epilog=f"`{PROG} <command> --help` for each command's options.")
+    subparsers = parser.add_subparsers(dest="command", metavar="{segment,amg,convert}", required=True)
+    segment.add_parser(subparsers)
+    generate.add_parser(subparsers)
+    convert = subparsers.add_parser(
+        "convert", help="official .pth or Hugging Face weights -> a sam_jax checkpoint folder",
+        description="Converts official SAM `.pth` or Hugging Face SAM weights into a new sam_jax "
+                    "checkpoint folder (checkpoints_convert.convert). The model type is read off the "
+                    "tensor shapes; the folder appears only when conversion succeeded. No torch needed.")
+    convert.add_argument("source", help="official .pth, HF .safetensors/.bin, or HF model directory")
+    convert.add_argument("output", help="new directory for the converted checkpoint")
+    convert.add_argument("--model-type", choices=sorted(CONFIGS),
+                         help="fail unless the checkpoint is this model")
+    convert.add_argument("--layout", choices=param_layout.LAYOUTS, default=param_layout.LOOPED,
+                         help="encoder block layout: looped (inference) or scanned (Sam(scan_blocks=True))")
+    convert.set_defaults(run=_convert)
+    return parser
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """`--point-coords -1,5` -> `--point-coords=-1,5`: argparse takes "-1,5" for an option and
+    would answer "expected one argument"; joined, the prompt check names the point instead."""
+    joined: list[str] = []
+    for arg in argv:
+        if joined and joined[-1] in NUMERIC_VALUE_FLAGS and re.match(r"-[\d.]", arg):
+            joined[-1] = f"{joined[-1]}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Runs `sam-jax` with `argv` (default: sys.argv[1:]); returns the exit status."""
+    try:
+        argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+        args = build_parser().parse_args(_join_negative_values(argv))
+    except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        return args.run(args)
+    except (CheckpointError, UsageError, ValueError, OSError) as err:
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+

@@ -1,0 +1,122 @@
+"""`sam-jax segment`: prompted masks (points and/or a box) for an image or a folder of images.
+
+Per input image `<stem>` it writes the folder `OUTPUT/<stem>/`:
+  mask_0.png ... mask_{C-1}.png   the predicted masks, 8-bit, 255 inside, image-sized
+  overlay.png                     the masks tinted on the image, one tile per mask, prompt drawn
+  result.json                     prompt, image size and mode, IoU predictions, mask files
+C is 3 with --multimask (the default), 1 with --no-multimask. A re-run skips
+images that already have an output even when the prompt has changed: pass
+--overwrite (or delete the image's folder) to redo them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from sam_jax.cli import common
+from sam_jax.cli.overlay import overlay
+from sam_jax.cli.prompts import Prompt, prompt_from_args, read_prompts_file
+from sam_jax.folder_runner import FolderRunner, Job, exit_code, report
+from sam_jax.image_io import read_image
+
+RESULT_FILE = "result.json"
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "segment", help="masks from point and box prompts",
+        description=common.description(__doc__),
+        epilog=common.epilog(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common.add_io_arguments(parser)
+    prompt = parser.add_argument_group("prompt (pixels in the original image)")
+    prompt.add_argument("--point-coords", metavar="'x,y;x,y'", help="points, ';'-separated")
+    prompt.add_argument("--point-labels", metavar="'1,0'",
+                        help="one label per point: 1 foreground, 0 background (default: all 1)")
+    prompt.add_argument("--box", metavar="'x0,y0,x1,y1'", help="a box, XYXY with x1 > x0, y1 > y0")
+    prompt.add_argument("--prompts", metavar="prompts.json",
+                        help='per-image prompts: {"a.jpg": {"point_coords": [[x, y]], "point_labels": [1], '
+                             '"box": [x0, y0, x1, y1]}, ...}; an entry replaces the command-line prompt '
+                             "for its image")
+    parser.add_argument("--multimask", action=argparse.BooleanOptionalAction, default=True,
+                        help="three masks per prompt (default) or one")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    default_prompt = prompt_from_args(args.point_coords, args.point_labels, args.box)
+    images, single = common.resolve_inputs(args.input)
+    per_image = read_prompts_file(args.prompts, [p.name for p in images]) if args.prompts else {}
+    if default_prompt is None and not per_image:
+        raise common.UsageError("no prompt: give --point-coords (and --point-labels), --box, or --prompts")
+
+    def prompt_for(image: Path) -> Prompt:
+        prompt = per_image.get(image.name, default_prompt)
+        if prompt is None:
+            raise ValueError(f"no prompt for {image.name} in {args.prompts} and none on the command line")
+        return prompt
+
+    jobs = common.make_jobs(images, args.output)
+    metadata = common.check_checkpoint(args.checkpoint, args.model_type)
+    runner = FolderRunner(args.output, "dir", lambda p: (p / RESULT_FILE).is_file(), args.overwrite)
+    pending, skipped = runner.pending(jobs)
+    if single:  # a single input's problems are fatal, and found before the model loads
+        for job in pending:
+            job.data = _prepare(job.source, prompt_for)
+    predictor = common.load_predictor(args.checkpoint) if pending else None
+    model_info = {"checkpoint": str(args.checkpoint), "model_type": metadata["config"]["name"]}
+
+    def process(job: Job, folder: Path) -> None:
+        image, mode, prompt = job.data or _prepare(job.source, prompt_for)
+        job.data = None  # free the image once used
+        predictor.set_image(image)
+        masks, scores, _ = predictor.predict(
+            point_coords=prompt.point_coords, point_labels=prompt.point_labels, box=prompt.box,
+            multimask_output=args.multimask,
+        )
+        write_result(folder, job.source, image, mode, prompt, masks, scores, args.multimask, model_info)
+
+    summary = runner.run(pending, process, desc="segment", skipped=skipped)
+    report(summary, Path(args.output))
+    return exit_code(summary)
+
+
+def _prepare(source: Path, prompt_for) -> tuple[np.ndarray, str, Prompt]:
+    """Reads the image and checks its prompt against it (both raise ValueError)."""
+    image, mode = read_image(source)
+    prompt = prompt_for(source)
+    prompt.check_inside(image.shape[1], image.shape[0], source)
+    return image, mode, prompt
+
+
+def write_result(folder: Path, source: Path, image: np.ndarray, mode: str, prompt: Prompt,
+                 masks: np.ndarray, scores: np.ndarray, multimask: bool,
+                 model_info: Optional[dict] = None) -> None:
+    """Writes the mask PNGs, overlay.png and result.json of one image into `folder`."""
+    records = []
+    for i, (mask, score) in enumerate(zip(masks, scores)):
+        name = f"mask_{i}.png"
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / name)
+        ys, xs = np.nonzero(mask)
+        # XYWH with w = x_max - x_min, as the official generator's records have it
+        bbox = ([int(xs.min()), int(ys.min()), int(xs.max() - xs.min()), int(ys.max() - ys.min())]
+                if len(xs) else [0, 0, 0, 0])
+        records.append({"file": name, "predicted_iou": float(score), "area": int(mask.sum()), "bbox": bbox})
+    overlay(image, masks, scores, prompt).save(folder / "overlay.png")
+    result = {
+        "image": {"file": str(source), "width": int(image.shape[1]), "height": int(image.shape[0]),
+                  "mode": mode},
+        "prompt": {**prompt.to_json(), "multimask_output": bool(multimask)},
+        "iou_predictions": [float(s) for s in scores],
+        "masks": records,
+        "overlay": "overlay.png",
+        **({"model": model_info} if model_info else {}),
+    }
+    (folder / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
