@@ -83,15 +83,20 @@ def first_run(fn) -> float:
     return time.perf_counter() - start
 
 
-def compare(result: dict, name: str, ours, official, repeats: int) -> None:
-    """Warms up and times both callables; records medians and the speed-up."""
-    entry = {"jax_first_run_s": first_run(ours), "torch_first_run_s": first_run(official)}
-    entry["jax"] = timed(ours, repeats)
-    entry["torch"] = timed(official, repeats)
+def compare(result: dict, name: str, ours, official, repeats: int) -> tuple:
+    """Warms up and times both callables; records medians and the speed-up. Returns both
+    callables' last outputs."""
+    outputs = []
+    remember = lambda fn: lambda: outputs.append(fn())
+    entry = {"jax_first_run_s": first_run(remember(ours)),
+             "torch_first_run_s": first_run(remember(official))}
+    entry["jax"] = timed(remember(ours), repeats)
+    entry["torch"] = timed(remember(official), repeats)
     entry["speedup_vs_torch"] = entry["torch"]["median_s"] / entry["jax"]["median_s"]
     result[name] = entry
     print(f"{name}: sam_jax {entry['jax']['median_s']:.3f} s, torch {entry['torch']['median_s']:.3f} s, "
           f"{entry['speedup_vs_torch']:.2f}x", flush=True)
+    return outputs[-1 - repeats], outputs[-1]
 
 
 def bench_encoder(result, config, model, params, reference, repeats):
@@ -164,9 +169,9 @@ def bench_amg(result, model, params, reference, repeats):
         ours = SamAutomaticMaskGenerator(model, params, **kwargs)
         official = official_amg(reference, **kwargs)
         with torch.no_grad():
-            compare(result, name, lambda: ours.generate(image), lambda: official.generate(image), repeats)
-            result[name]["records"] = {"jax": len(ours.generate(image)),
-                                       "torch": len(official.generate(image))}
+            records = compare(result, name, lambda: ours.generate(image),
+                              lambda: official.generate(image), repeats)
+        result[name]["records"] = {"jax": len(records[0]), "torch": len(records[1])}
 
 
 def main(argv=None) -> dict:
@@ -198,16 +203,15 @@ def main(argv=None) -> dict:
         "jax": jax.__version__, "backend": jax.default_backend(), "torch": torch.__version__,
         "matmul_gflops_per_s": matmul_rate() / 1e9,
     }
-    if "encoder" in parts:
-        bench_encoder(result, config, model, params, reference, args.repeats)
-    if "decoder" in parts:
-        bench_decoder(result, model, params, reference, args.repeats)
-    if "amg" in parts:
-        bench_amg(result, model, params, reference, args.repeats)
-    result["matmul_gflops_per_s_after"] = matmul_rate() / 1e9  # the rate drifts on shared machines
-
     output = args.output or Path("workdir/benchmarks") / f"inference_{args.model_type}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
+    benches = {"encoder": lambda: bench_encoder(result, config, model, params, reference, args.repeats),
+               "decoder": lambda: bench_decoder(result, model, params, reference, args.repeats),
+               "amg": lambda: bench_amg(result, model, params, reference, args.repeats)}
+    for part in parts:
+        benches[part]()
+        output.write_text(json.dumps(result, indent=2) + "\n")  # a long run keeps what it measured
+    result["matmul_gflops_per_s_after"] = matmul_rate() / 1e9  # the rate drifts on shared machines
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"wrote {output}")

@@ -18,6 +18,28 @@ from sam_jax.modeling.common import MLP, Dtype, LayerNorm, gelu
 from sam_jax.modeling.transformer import TwoWayTransformer
 
 
+class SubpixelConvTranspose(nn.Module):
+    """PyTorch's ConvTranspose2d(kernel_size=2, stride=2) in sub-pixel layout: every input
+    pixel becomes a 2x2 block, (..., I) -> (..., 2, 2, O), out[..., a, b, :] being output
+    pixel (2i + a, 2j + b). One matmul; the caller rearranges pixels when it needs them.
+
+    `kernel` is (2, 2, O, I), the layout of `nn.ConvTranspose(transpose_kernel=True)`:
+    kernel[a, b, o, i] = torch weight[i, o, a, b].
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (2, 2, self.features, x.shape[-1]), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        y = jnp.einsum("...i,aboi->...abo", x.astype(self.dtype), kernel.astype(self.dtype))
+        return y + bias.astype(self.dtype)
+
+
 class MaskDecoder(nn.Module):
     transformer_dim: int
     transformer_depth: int = 2
@@ -46,9 +68,7 @@ class MaskDecoder(nn.Module):
             self.attention_downsample_rate,
             **kw,
         )
-        up = lambda n: nn.ConvTranspose(
-            n, (2, 2), strides=(2, 2), padding="VALID", transpose_kernel=True, **kw
-        )
+        up = lambda n: SubpixelConvTranspose(n, **kw)
         self.output_upscaling_0 = up(d // 4)
         self.output_upscaling_1 = LayerNorm(**kw)
         self.output_upscaling_3 = up(d // 8)
@@ -105,11 +125,13 @@ class MaskDecoder(nn.Module):
 
         h, w = image_embeddings.shape[1:3]
         x = src.reshape(b, h, w, self.transformer_dim)
-        x = gelu(self.output_upscaling_1(self.output_upscaling_0(x)))
-        x = gelu(self.output_upscaling_3(x))  # (B, 4h, 4w, D/8)
+        # Upscaling in sub-pixel layout: pixel (4i + 2a + c, 4j + 2b + d) is x[:, i, j, a, b, c, d];
+        # only the T final masks are rearranged to image layout.
+        x = gelu(self.output_upscaling_1(self.output_upscaling_0(x)))  # (B, h, w, 2, 2, D/4)
+        x = gelu(self.output_upscaling_3(x))  # (B, h, w, 2, 2, 2, 2, D/8)
         hyper_in = jnp.stack(
             [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             axis=1,
         )  # (B, T, D/8)
-        masks = jnp.einsum("btc,bhwc->bthw", hyper_in, x)
-        return masks, self.iou_prediction_head(iou_token_out)
+        masks = jnp.einsum("ntz,nijabcdz->ntiacjbd", hyper_in, x)
+        return masks.reshape(b, -1, 4 * h, 4 * w), self.iou_prediction_head(iou_token_out)
