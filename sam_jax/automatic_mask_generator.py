@@ -45,7 +45,7 @@ from sam_jax.amg import (
 )
 from sam_jax.modeling import Sam, postprocess_masks
 from sam_jax.modeling.prompt_encoder import FOREGROUND
-from sam_jax.predictor import SamPredictor, _bucket
+from sam_jax.predictor import SamPredictor, _bucket, as_rgb
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
@@ -236,12 +236,7 @@ class SamAutomaticMaskGenerator:
         point_coords: [[x, y]] the prompt; stability_score: float;
         crop_box: [x, y, w, h] of the crop the mask came from.
         """
-        image = np.asarray(image)
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
-            raise ValueError(
-                f"generate expects an (H, W, 3) uint8 RGB image; got {image.dtype} array of "
-                f"shape {image.shape}"
-            )
+        image = as_rgb(image)
         mask_data = self._generate_masks(image)
         if self.min_mask_region_area > 0:
             mask_data = self.postprocess_small_regions(
