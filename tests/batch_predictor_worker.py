@@ -10,7 +10,6 @@ XLA_FLAGS=--xla_force_host_platform_device_count=K must be set by the caller.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -19,19 +18,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax
 import numpy as np
 
+import device_workers
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out")
-    parser.add_argument("--process-id", type=int, default=0)
-    parser.add_argument("--num-processes", type=int, default=1)
-    parser.add_argument("--port", type=int, default=0)
-    args = parser.parse_args()
-    if args.num_processes > 1:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            f"localhost:{args.port}", num_processes=args.num_processes, process_id=args.process_id
-        )
+    args = device_workers.init_worker()
     from test_batch_predictor import IMAGE_SIZES, batch_inputs, model_and_params
 
     from sam_jax.batch_predictor import SamBatchPredictor

@@ -8,13 +8,11 @@ each with its own number of prompts and of points, points + boxes together.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+import device_workers
 from conftest import make_official
 from experiments.sample_image import synthetic_image
 from sam_jax import SamPredictor
@@ -102,26 +100,10 @@ def test_mask_inputs(expected):
         assert_equal_results([result], [ref])
 
 
-def run_workers(tmp_path, num_processes: int, devices_per_process: int) -> list:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    outs = [tmp_path / f"process_{i}.npz" for i in range(num_processes)]
-    workers = [
-        subprocess.Popen(
-            [sys.executable, WORKER, str(out), "--process-id", str(i),
-             "--num-processes", str(num_processes), "--port", str(port)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for i, out in enumerate(outs)
-    ]
-    for w in workers:
-        log, _ = w.communicate(timeout=600)
-        assert w.returncode == 0, log[-3000:]
+def run_workers(tmp_path, num_processes: int, devices_per_process: int) -> dict:
     merged = {}
-    for out in outs:
-        merged.update(np.load(out))
+    for arrays in device_workers.run_workers(WORKER, tmp_path, num_processes, devices_per_process):
+        merged.update(arrays)
     return merged
 
 
