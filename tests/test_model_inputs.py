@@ -34,3 +34,22 @@ def test_decode_names_a_wrong_image_embedding(tiny):
     config, _, params = tiny
     with pytest.raises(ValueError, match=r"image_embeddings must be \(1 or B=2, 16, 16, 32\); got shape \(1, 32, 16, 16\)"):
         Sam(config).apply({"params": params}, np.zeros((1, 32, 16, 16)), boxes=np.zeros((2, 4)), method=Sam.decode)
+
+
+def test_preprocess_padded_equals_preprocess_of_the_unpadded_image():
+
+    from sam_jax.configs import get_config
+    from sam_jax.modeling import preprocess, preprocess_padded
+
+    config = get_config("vit_tiny")
+    s = config.image_size
+    rng = np.random.default_rng(0)
+    images = np.zeros((2, s, s, 3), np.uint8)
+    sizes = np.array([[s, 170], [90, s]], np.int32)
+    for image, (h, w) in zip(images, sizes):
+        image[:h, :w] = rng.integers(0, 256, (h, w, 3))
+    out = preprocess_padded(jnp.asarray(images), jnp.asarray(sizes), config)
+    for i, (h, w) in enumerate(sizes):
+        np.testing.assert_array_equal(out[i], preprocess(jnp.asarray(images[i, :h, :w]), config))
+    with pytest.raises(ValueError, match="padded images"):
+        preprocess_padded(jnp.zeros((2, s, s)), jnp.asarray(sizes), config)

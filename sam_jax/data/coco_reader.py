@@ -163,12 +163,8 @@ def segmentation_to_mask(segm, hw: Tuple[int, int], where: str) -> np.ndarray:
 def mask_fields(mask: np.ndarray) -> Tuple[bytes, np.ndarray, int, np.ndarray]:
     """(h, w) bool non-empty mask -> (counts, bbox XYWH (4,), area, point (2,))."""
     ys, xs = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    y0, y1, x0, x1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
-    # On the tight crop (zero-padded by farthest_from_boundary) the distances,
-    # and the row-major tie-break, are those of the whole mask.
-    point = farthest_from_boundary(mask[y0:y1, x0:x1]) + np.array([x0, y0], np.float32)
-    bbox = np.array([x0, y0, x1 - x0, y1 - y0], np.float32)
-    return rle.encode(mask), bbox, int(mask.sum()), point
+    bbox = np.array([xs[0], ys[0], xs[-1] + 1 - xs[0], ys[-1] + 1 - ys[0]], np.float32)
+    return rle.encode(mask), bbox, int(mask.sum()), farthest_from_boundary(mask)
 
 
 class CocoReader:

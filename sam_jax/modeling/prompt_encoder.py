@@ -20,6 +20,11 @@ from sam_jax.modeling.common import Dtype, LayerNorm, gelu
 NOT_A_POINT = -1  # the official padding token: zero encoding + `not_a_point_embed`
 BACKGROUND = 0
 FOREGROUND = 1
+# A box's corners given as points (as SAM 2's prompt encoder takes them), so a
+# fixed-shape training batch can hold a box or no box: embedded exactly as
+# `boxes` embeds them.
+BOX_TOP_LEFT = 2
+BOX_BOTTOM_RIGHT = 3
 # sam_jax only: an absent point, for fixed-shape batches. `Sam.decode` masks it
 # out of attention, so a prompt padded with it predicts what it would without.
 PADDING = -10
@@ -98,7 +103,7 @@ class PromptEncoder(nn.Module):
         return self.pe_layer.dense(self.image_embedding_size)[None]
 
     def _embed_points(self, points: jax.Array, labels: jax.Array, pad: bool) -> jax.Array:
-        """(B, N, 2), (B, N) -> (B, N + pad, D); label -1 marks a not-a-point."""
+        """(B, N, 2), (B, N) -> (B, N + pad, D); label -1 marks a not-a-point, 2 / 3 box corners."""
         points = points.astype(jnp.float32) + 0.5  # pixel centre
         labels = labels.astype(jnp.int32)
         if pad:
@@ -109,6 +114,8 @@ class PromptEncoder(nn.Module):
         emb = jnp.where(labels == NOT_A_POINT, self.not_a_point_embed.embedding[0], emb)
         emb = jnp.where(labels == BACKGROUND, emb + self.point_embeddings[0].embedding[0], emb)
         emb = jnp.where(labels == FOREGROUND, emb + self.point_embeddings[1].embedding[0], emb)
+        emb = jnp.where(labels == BOX_TOP_LEFT, emb + self.point_embeddings[2].embedding[0], emb)
+        emb = jnp.where(labels == BOX_BOTTOM_RIGHT, emb + self.point_embeddings[3].embedding[0], emb)
         return emb
 
     def _embed_boxes(self, boxes: jax.Array) -> jax.Array:

@@ -19,7 +19,7 @@ from sam_jax.modeling.common import Dtype
 from sam_jax.modeling.image_encoder import ImageEncoderViT
 from sam_jax.modeling.interpolate import resize_bilinear
 from sam_jax.modeling.mask_decoder import MaskDecoder
-from sam_jax.modeling.prompt_encoder import PADDING, PromptEncoder
+from sam_jax.modeling.prompt_encoder import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, PADDING, PromptEncoder
 
 
 class Sam(nn.Module):
@@ -89,8 +89,13 @@ class Sam(nn.Module):
             dense = dense[:1]
         sparse_mask = None
         if points is not None:  # tokens: points, the official pad point if no box, box corners
-            valid = jnp.ones((sparse.shape[0], sparse.shape[1] - point_labels.shape[1]), bool)
-            sparse_mask = jnp.concatenate([jnp.asarray(point_labels) != PADDING, valid], 1)
+            labels = jnp.asarray(point_labels)
+            valid = jnp.ones((sparse.shape[0], sparse.shape[1] - labels.shape[1]), bool)
+            if boxes is None:
+                # Box corners given as points (labels 2 / 3) are a box: officially no pad point then.
+                corners = (labels == BOX_TOP_LEFT) | (labels == BOX_BOTTOM_RIGHT)
+                valid = valid & ~jnp.any(corners, axis=1, keepdims=True)
+            sparse_mask = jnp.concatenate([labels != PADDING, valid], 1)
         return self.mask_decoder(
             image_embeddings,
             self.prompt_encoder.get_dense_pe(),
@@ -158,6 +163,20 @@ def preprocess(image: jax.Array, config: SamConfig) -> jax.Array:
     std = jnp.asarray(config.pixel_std, jnp.float32)
     x = (image.astype(jnp.float32) - mean) / std
     return jnp.pad(x, ((0, s - h), (0, s - w), (0, 0)))
+
+
+def preprocess_padded(images: jax.Array, image_hw: jax.Array, config: SamConfig) -> jax.Array:
+    """(B, S, S, 3) images already resized and zero-padded (the input pipeline's), with valid
+    sizes (B, 2) -> (B, S, S, 3) normalised fp32 with the padding zero, as `preprocess` gives."""
+    s = config.image_size
+    if images.ndim != 4 or images.shape[1:] != (s, s, 3):
+        raise ValueError(f"expected (B, {s}, {s}, 3) padded images; got shape {images.shape}")
+    mean = jnp.asarray(config.pixel_mean, jnp.float32)
+    std = jnp.asarray(config.pixel_std, jnp.float32)
+    x = (images.astype(jnp.float32) - mean) / std
+    rows = jnp.arange(s)[None, :, None] < image_hw[:, 0, None, None]
+    cols = jnp.arange(s)[None, None, :] < image_hw[:, 1, None, None]
+    return jnp.where((rows & cols)[..., None], x, 0.0)
 
 
 def postprocess_masks(

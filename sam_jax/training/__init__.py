@@ -1,0 +1,1 @@
+"""Training code for SAM: losses, interactive prompt simulation, optimiser."""

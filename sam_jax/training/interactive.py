@@ -1,0 +1,240 @@
+"""SAM's interactive training loop: one encoder pass, 11 prompt-decode iterations per mask.
+
+Iteration 1 prompts each mask with one foreground point sampled uniformly from
+it or with its box plus noise (equal odds) and predicts 3 masks. Each later
+iteration feeds back the previous unthresholded low-res logits of the mask
+with the highest predicted IoU and, in 8 of the 10, adds one point sampled
+uniformly from the previous prediction's error region (false negative ->
+foreground, false positive -> background); the other 2 add nothing (one at a
+random place among the first 9, one always last). Later iterations have more
+than one prompt, so they use the single-mask output.
+
+Everything runs on the device at fixed shapes: every mask has a point buffer
+
+    slot 0              the first point (PADDING when the first prompt is a box)
+    slots 1..P          correction points, filled in order (PADDING until then)
+    slots P + 1, P + 2  the box corners (BOX_TOP_LEFT / BOX_BOTTOM_RIGHT, or PADDING)
+
+which `Sam.decode` embeds exactly as the official point / box prompts (it adds
+the official pad point when there are no box corners). Iterations
+2..11 are a `lax.scan` whose body is rematerialised, so memory holds one
+iteration's activations, not ten. Fed-back logits are `stop_gradient`;
+sampled points are integers of the data. Gradients reach the decoder from all
+11 iterations and the encoder through the shared image embedding.
+
+**How the 11 losses combine:** they are summed (as SAM 2's released training
+code does); each iteration's loss is already a mean over valid masks.
+"""
+
+import dataclasses
+from typing import Callable, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from sam_jax.modeling.prompt_encoder import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, FOREGROUND, PADDING
+from sam_jax.training import prompt_sampling
+from sam_jax.training.losses import sam_loss
+
+# decode(embeddings (B, h, w, D), coords (B, M, N, 2), labels (B, M, N), mask_inputs (B, M, 1, L, L) | None,
+#        multimask) -> low-res logits (B, M, C, L, L), predicted IoU (B, M, C)
+DecodeFn = Callable[..., Tuple[jax.Array, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class InteractiveConfig:
+    """The simulated interaction (defaults: the paper's 11 iterations) and the loss weights."""
+
+    num_correction_points: int = 8
+    num_mask_only: int = 2  # iterations that add no point: the last, and the rest at random places
+    box_probability: float = 0.5
+    box_noise_fraction: float = 0.1
+    box_noise_max: float = 20.0
+    loss_at_input_resolution: bool = False  # else the loss (and error regions) use the 256 low-res targets
+    focal_weight: float = 20.0
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
+    iou_kind: str = "mse"
+
+    def __post_init__(self):
+        if self.num_correction_points < 0 or self.num_mask_only < 0:
+            raise ValueError(
+                f"num_correction_points and num_mask_only must be >= 0, got "
+                f"{self.num_correction_points}, {self.num_mask_only}"
+            )
+        if not 0.0 <= self.box_probability <= 1.0:
+            raise ValueError(f"box_probability must be in [0, 1], got {self.box_probability}")
+
+    @property
+    def num_iterations(self) -> int:
+        return 1 + self.num_correction_points + self.num_mask_only
+
+    @property
+    def num_point_slots(self) -> int:
+        return self.num_correction_points + 3
+
+
+def correction_schedule(key: jax.Array, num_masks: int, config: InteractiveConfig) -> jax.Array:
+    """(num_iterations - 1, M) bool: True where iteration 2 + t adds a point to mask m.
+
+    The last iteration adds none (if there is any mask-only iteration); the
+    other mask-only iterations sit at random places among the rest, per mask.
+    """
+    later = config.num_correction_points + config.num_mask_only
+    if later == 0:
+        return jnp.zeros((0, num_masks), bool)
+    if config.num_mask_only == 0:
+        return jnp.ones((later, num_masks), bool)
+    # Rank random scores of the first later-1 iterations; the lowest num_mask_only-1 add no point.
+    scores = jax.random.uniform(key, (num_masks, later - 1))
+    ranks = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)
+    adds = jnp.concatenate([ranks >= config.num_mask_only - 1, jnp.zeros((num_masks, 1), bool)], axis=1)
+    return adds.T
+
+
+def initial_prompts(
+    key: jax.Array, targets: jax.Array, boxes: jax.Array, image_hw: jax.Array, image_size: int, config: InteractiveConfig
+) -> Tuple[jax.Array, jax.Array]:
+    """First prompts of K masks -> point buffers: coords (K, N, 2), labels (K, N).
+
+    Args:
+      targets: (K, H, W) bool ground truth at the loss resolution.
+      boxes: (K, 4) XYXY ground-truth boxes in the input frame.
+      image_hw: (K, 2) valid image size in the input frame (noisy boxes stay inside).
+    """
+    k = targets.shape[0]
+    n, p = config.num_point_slots, config.num_correction_points
+    choose_key, point_key, box_key = jax.random.split(key, 3)
+    use_box = jax.random.bernoulli(choose_key, config.box_probability, (k,))
+    point, _ = jax.vmap(prompt_sampling.sample_point_in_mask, (0, 0, None))(
+        jax.random.split(point_key, k), targets, image_size
+    )
+    box = jax.vmap(prompt_sampling.noisy_box, (0, 0, 0, None, None))(
+        jax.random.split(box_key, k), boxes.astype(jnp.float32), image_hw, config.box_noise_fraction, config.box_noise_max
+    )
+    coords = jnp.zeros((k, n, 2), jnp.float32)
+    coords = coords.at[:, 0].set(point).at[:, p + 1].set(box[:, :2]).at[:, p + 2].set(box[:, 2:])
+    labels = jnp.full((k, n), PADDING, jnp.int32)
+    labels = labels.at[:, 0].set(jnp.where(use_box, PADDING, FOREGROUND))
+    labels = labels.at[:, p + 1].set(jnp.where(use_box, BOX_TOP_LEFT, PADDING))
+    labels = labels.at[:, p + 2].set(jnp.where(use_box, BOX_BOTTOM_RIGHT, PADDING))
+    return coords, labels
+
+
+def _at_loss_resolution(logits: jax.Array, size: int) -> jax.Array:
+    """(K, C, L, L) -> (K, C, size, size) bilinear (half-pixel centres, as F.interpolate)."""
+    if logits.shape[-1] == size:
+        return logits
+    return jax.image.resize(logits, logits.shape[:2] + (size, size), "bilinear")
+
+
+def _best(logits: jax.Array, iou: jax.Array) -> jax.Array:
+    """(K, C, L, L), (K, C) -> (K, 1, L, L): the highest-predicted-IoU mask's logits."""
+    best = jnp.argmax(iou, axis=1)
+    return jnp.take_along_axis(logits, best[:, None, None, None], axis=1)
+
+
+def _mask_iou(logits: jax.Array, targets: jax.Array, valid: jax.Array) -> jax.Array:
+    """Mean IoU over valid masks of (K, H, W) logits > 0 against (K, H, W) targets."""
+    predicted = logits > 0
+    inter = jnp.sum(predicted & targets, axis=(1, 2))
+    union = jnp.sum(predicted | targets, axis=(1, 2))
+    iou = jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)
+    return jnp.sum(jnp.where(valid, iou, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def interactive_loss(
+    decode: DecodeFn,
+    image_embeddings: jax.Array,
+    batch: Dict[str, jax.Array],
+    key: jax.Array,
+    config: InteractiveConfig,
+    image_size: int,
+) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """The summed loss of the interactive iterations over a batch, and per-iteration metrics.
+
+    Args:
+      decode: see DecodeFn (the model's prompt encoder + mask decoder, params bound).
+      image_embeddings: (B, h, w, D), from the encoder with gradients.
+      batch: masks_low_res (B, M, L, L) bool, masks (B, M, T, T) bool if
+        `loss_at_input_resolution`, boxes (B, M, 4), mask_valid (B, M),
+        image_size (B, 2) (see `sam_jax.data.preprocess`).
+      image_size: T, the model's input size.
+    Returns:
+      (loss, metrics): metrics["loss"] / ["focal"] / ["dice"] / ["iou_loss"] are
+      (num_iterations,) per-iteration values, metrics["miou"] the mean IoU of
+      the highest-predicted-IoU mask after each iteration.
+    """
+    targets = batch["masks"] if config.loss_at_input_resolution else batch["masks_low_res"]
+    b, m = targets.shape[:2]
+    size = targets.shape[-1]
+    k = b * m
+    targets = targets.reshape(k, size, size).astype(bool)
+    valid = batch["mask_valid"].reshape(k)
+    image_hw = jnp.repeat(batch["image_size"], m, axis=0)
+    first_key, schedule_key, scan_key = jax.random.split(key, 3)
+
+    def run(coords, labels, mask_inputs, multimask):
+        shaped = lambda x: x.reshape((b, m) + x.shape[1:])
+        logits, iou = decode(image_embeddings, shaped(coords), shaped(labels),
+                             None if mask_inputs is None else shaped(mask_inputs), multimask)
+        return logits.reshape((k,) + logits.shape[2:]), iou.reshape(k, -1)
+
+    def loss_of(logits, iou):
+        total, parts = sam_loss(
+            _at_loss_resolution(logits, size), iou, targets, valid,
+            focal_weight=config.focal_weight, dice_weight=config.dice_weight,
+            iou_weight=config.iou_weight, iou_kind=config.iou_kind,
+        )
+        best = _at_loss_resolution(_best(logits, iou), size)[:, 0]
+        metrics = {"loss": total, "focal": parts["focal"], "dice": parts["dice"], "iou_loss": parts["iou"],
+                   "miou": _mask_iou(best, targets, valid)}
+        return total, metrics
+
+    coords, labels = initial_prompts(first_key, targets, batch["boxes"].reshape(k, 4), image_hw, image_size, config)
+    logits, iou = run(coords, labels, None, True)
+    total, first_metrics = loss_of(logits, iou)
+    previous = jax.lax.stop_gradient(_best(logits, iou))
+    if config.num_iterations == 1:
+        return total, jax.tree.map(lambda x: x[None], first_metrics)
+
+    adds = correction_schedule(schedule_key, k, config)
+    slots = jnp.arange(config.num_point_slots)
+
+    @jax.checkpoint
+    def iteration(carry, inputs):
+        coords, labels, previous, added = carry
+        add, step_key = inputs
+        predicted = _at_loss_resolution(previous, size)[:, 0] > 0
+        point, label, has_error = jax.vmap(prompt_sampling.sample_correction, (0, 0, 0, None))(
+            jax.random.split(step_key, k), predicted, targets, image_size
+        )
+        add = add & has_error & valid
+        write = add[:, None] & (slots[None, :] == 1 + added[:, None])  # (K, N): the next correction slot
+        coords = jnp.where(write[..., None], point[:, None, :], coords)
+        labels = jnp.where(write, label[:, None], labels)
+        logits, iou = run(coords, labels, previous, False)
+        loss, metrics = loss_of(logits, iou)
+        carry = (coords, labels, jax.lax.stop_gradient(logits), added + add.astype(jnp.int32))
+        return carry, (loss, metrics)
+
+    keys = jax.random.split(scan_key, adds.shape[0])
+    carry = (coords, labels, previous, jnp.zeros((k,), jnp.int32))
+    _, (losses, metrics) = jax.lax.scan(iteration, carry, (adds, keys))
+    metrics = jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), first_metrics, metrics)
+    return total + jnp.sum(losses), metrics
+
+
+def make_decode(model, params) -> DecodeFn:
+    """DecodeFn of a `Sam` model and its params: the decoder vmapped over images."""
+    from sam_jax.modeling import Sam
+
+    def decode(embeddings, coords, labels, mask_inputs, multimask):
+        def one_image(embedding, c, l, mi):
+            return model.apply({"params": params}, embedding[None], c, l, None, mi, multimask, method=Sam.decode)
+
+        if mask_inputs is None:
+            return jax.vmap(lambda e, c, l: one_image(e, c, l, None))(embeddings, coords, labels)
+        return jax.vmap(one_image)(embeddings, coords, labels, mask_inputs)
+
+    return decode
