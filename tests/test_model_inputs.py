@@ -37,7 +37,6 @@ def test_decode_names_a_wrong_image_embedding(tiny):
 
 
 def test_preprocess_padded_equals_preprocess_of_the_unpadded_image():
-
     from sam_jax.configs import get_config
     from sam_jax.modeling import preprocess, preprocess_padded
 
