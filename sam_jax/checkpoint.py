@@ -165,9 +165,11 @@ def load_sam(
     param_dtype: Any = jnp.float32,
     scan_blocks: bool = False,
     remat_policy: Optional[str] = None,
+    drop_path_rate: float = 0.0,
 ) -> tuple[Sam, dict[str, Any]]:
-    """Loads a converted checkpoint: returns `(model, params)` for `model.apply({"params": params}, ...)`."""
+    """Loads a converted checkpoint: returns `(model, params)` for `model.apply({"params": params}, ...)`.
+    `drop_path_rate` is for fine-tuning (see `Sam`); inference calls ignore it."""
     config, params = load_params(directory, scan_blocks=scan_blocks, dtype=param_dtype)
     model = Sam(config, dtype=dtype, param_dtype=param_dtype, scan_blocks=scan_blocks,
-                remat_policy=remat_policy)
+                remat_policy=remat_policy, drop_path_rate=drop_path_rate)
     return model, params

@@ -67,7 +67,7 @@ def test_noisy_box_statistics_and_limits():
 
 def test_schedule_is_the_papers():
     config = InteractiveConfig()
-    adds = np.asarray(correction_schedule(jax.random.PRNGKey(0), 500, config))
+    adds = np.asarray(correction_schedule(jax.random.split(jax.random.PRNGKey(0), 500), config))
     assert adds.shape == (10, 500)  # iterations 2..11
     assert (adds.sum(axis=0) == 8).all()  # 8 add a point, 2 add none
     assert not adds[-1].any()  # the last adds none
@@ -75,7 +75,7 @@ def test_schedule_is_the_papers():
     assert set(places.tolist()) == set(range(9))
     assert config.num_iterations == 11
     no_mask_only = InteractiveConfig(num_mask_only=0)
-    assert np.asarray(correction_schedule(jax.random.PRNGKey(0), 3, no_mask_only)).all()
+    assert np.asarray(correction_schedule(jax.random.split(jax.random.PRNGKey(0), 3), no_mask_only)).all()
     assert no_mask_only.num_iterations == 9
 
 
@@ -120,7 +120,7 @@ def test_initial_prompts_fill_the_buffer():
     config = InteractiveConfig()
     targets = jnp.zeros((400, 16, 16), bool).at[:, 4:12, 2:10].set(True)
     boxes = jnp.tile(jnp.array([[8.0, 16.0, 40.0, 48.0]]), (400, 1))
-    coords, labels = initial_prompts(jax.random.PRNGKey(0), targets, boxes, jnp.full((400, 2), 64), 64, config)
+    coords, labels = initial_prompts(jax.random.split(jax.random.PRNGKey(0), 400), targets, boxes, jnp.full((400, 2), 64), 64, config)
     labels, coords = np.asarray(labels), np.asarray(coords)
     assert labels.shape == (400, 11)
     box_mode = labels[:, 9] == BOX_TOP_LEFT
@@ -173,7 +173,7 @@ def test_every_correction_lies_in_the_previous_error_region():
         return logits, jax.random.uniform(key, (b, m, c))
 
     loss, metrics = jax.jit(lambda key: interactive_loss(decode, jnp.zeros((2, 1, 1, 1)), batch, key, config, 256))(
-        jax.random.PRNGKey(0)
+        jax.random.split(jax.random.PRNGKey(0), 2)
     )
     assert len(seen) == 11 and metrics["loss"].shape == (11,)
     targets = np.asarray(batch["masks_low_res"]).reshape(6, 64, 64)
@@ -214,11 +214,11 @@ def test_gradients_reach_encoder_and_decoder_and_no_recompile(tiny):
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-    (loss, metrics), grads = loss_and_grads(params, batch, jax.random.PRNGKey(0))
+    (loss, metrics), grads = loss_and_grads(params, batch, jax.random.split(jax.random.PRNGKey(0), 2))
     assert np.isfinite(float(loss)) and metrics["miou"].shape == (4,)
     norms = {name: float(optax_global_norm(grads[name])) for name in ("image_encoder", "mask_decoder", "prompt_encoder")}
     assert all(v > 0 and np.isfinite(v) for v in norms.values()), norms
-    loss_and_grads(params, batch, jax.random.PRNGKey(1))
+    loss_and_grads(params, batch, jax.random.split(jax.random.PRNGKey(1), 2))
     assert len(traces) == 1
 
 

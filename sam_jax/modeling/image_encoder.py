@@ -10,6 +10,13 @@ Parameter names follow the PyTorch state_dict (`blocks.3.attn.qkv.weight` ->
 (windowed blocks then one global block), and their params are stacked under
 `block_groups/blocks_{j}` with a leading group axis; `sam_jax.param_layout`
 converts between the two layouts.
+
+Training only: `drop_path_rate` > 0 adds stochastic depth to both residual
+branches of every block when the call is not `deterministic`, at the
+ViTDet / timm / MAE per-block rate `drop_path_rate * i / (depth - 1)`. The
+released SAM code has no drop path (it is inference code); the SAM paper
+trains with 0.4 (ViT-H, ViT-L) and 0.6 (ViT-B). Deterministic calls (the
+default) run exactly the inference graph.
 """
 
 from __future__ import annotations
@@ -51,6 +58,24 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
     k_coords = np.arange(k_size, dtype=np.float32)[None, :] * k_scale
     relative = (q_coords - k_coords) + np.float32((k_size - 1) * max(q_size / k_size, 1.0))
     return rel_pos[relative.astype(np.int64)]
+
+
+def drop_path_rates(rate: float, depth: int) -> tuple[float, ...]:
+    """Per-block stochastic depth rates: 0 for the first block rising linearly to `rate` for the
+    last, `rate * i / (depth - 1)` (ViTDet's `torch.linspace(0, rate, depth)`)."""
+    if depth == 1:
+        return (0.0,)
+    return tuple(rate * i / (depth - 1) for i in range(depth))
+
+
+def drop_path(branch: jax.Array, rate: float | jax.Array, rng: jax.Array) -> jax.Array:
+    """Stochastic depth on a residual branch (B, ...): each sample's branch is dropped with
+    probability `rate` (one Bernoulli draw per sample, shared by all its tokens) and kept ones
+    are scaled by 1 / (1 - rate), so the expectation is `branch`. `rate` may be traced."""
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    mask = jax.random.bernoulli(rng, keep, (branch.shape[0],) + (1,) * (branch.ndim - 1))
+    # The fp32 product is rounded once to the compute dtype (a bf16 1 / keep would bias every kept sample).
+    return (branch * (mask / keep)).astype(branch.dtype)
 
 
 def window_partition(
@@ -162,7 +187,16 @@ class Block(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, deterministic: bool = True, drop_path_rate: float | jax.Array = 0.0
+    ) -> jax.Array:
+        """`drop_path_rate`: this block's rate, a float or (under `nn.scan`) a traced scalar;
+        used only when not `deterministic`, drawing from the 'dropout' rng."""
+        skip = deterministic or (isinstance(drop_path_rate, (int, float)) and drop_path_rate == 0)
+
+        def residual(x, branch):
+            return x + (branch if skip else drop_path(branch, drop_path_rate, self.make_rng("dropout")))
+
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         windowed = self.window_size > 0
         attention = Attention(
@@ -173,9 +207,9 @@ class Block(nn.Module):
             name="attn",
             **kw,
         )
-        x = x + attention(LayerNorm(name="norm1", **kw)(x))
+        x = residual(x, attention(LayerNorm(name="norm1", **kw)(x)))
         mlp = MLPBlock(int(x.shape[-1] * self.mlp_ratio), name="mlp", **kw)
-        return x + mlp(LayerNorm(name="norm2", **kw)(x))
+        return residual(x, mlp(LayerNorm(name="norm2", **kw)(x)))
 
 
 class BlockGroup(nn.Module):
@@ -187,7 +221,10 @@ class BlockGroup(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, _) -> tuple[jax.Array, None]:
+    def __call__(
+        self, x: jax.Array, drop_path_rates: jax.Array, deterministic: bool = True
+    ) -> tuple[jax.Array, None]:
+        """`drop_path_rates`: (blocks_per_group,) this group's per-block rates (scanned input)."""
         cfg = self.config
         g = cfg.blocks_per_group
         for j in range(g):
@@ -200,7 +237,7 @@ class BlockGroup(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"blocks_{j}",
-            )(x)
+            )(x, deterministic, drop_path_rates[j])
         return x, None
 
 
@@ -232,6 +269,9 @@ class ImageEncoderViT(nn.Module):
     # Global attention runs over chunks of this many queries (None: all at once).
     # Identical results; on the CPU, 32 runs vit_b's global blocks ~3x faster than all at once.
     query_chunk_size: Optional[int] = 32
+    # Training only: stochastic depth rate of the last block, block i gets rate * i / (depth - 1)
+    # (`drop_path_rates`); used when called with deterministic=False, with a 'dropout' rng.
+    drop_path_rate: float = 0.0
 
     def setup(self):
         cfg = self.config
@@ -244,21 +284,27 @@ class ImageEncoderViT(nn.Module):
         if self.remat_policy is not None and self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {self.remat_policy!r}; choose from {sorted(REMAT_POLICIES)}")
         policy = REMAT_POLICIES.get(self.remat_policy)
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1); got {self.drop_path_rate}")
         if self.scan_blocks:
             if not cfg.is_periodic():
                 raise ValueError(
                     f"scan_blocks needs global blocks at every {cfg.blocks_per_group}th block; "
                     f"got global_attn_indexes={cfg.global_attn_indexes} for depth {cfg.depth}"
                 )
-            group = nn.remat(BlockGroup, policy=policy) if self.remat_policy else BlockGroup
+            # static_argnums count `self` as 0: `deterministic` is Python control flow.
+            group = (
+                nn.remat(BlockGroup, policy=policy, static_argnums=(3,)) if self.remat_policy else BlockGroup
+            )
             self.block_groups = nn.scan(
                 group,
                 variable_axes={"params": 0},
-                split_rngs={"params": True},
+                split_rngs={"params": True, "dropout": True},  # fresh drop-path draws per group
+                in_axes=(0, nn.broadcast),  # per-group rates; `deterministic`
                 length=len(cfg.global_attn_indexes),
             )(cfg, self.query_chunk_size, **kw)
         else:
-            block = nn.remat(Block, policy=policy) if self.remat_policy else Block
+            block = nn.remat(Block, policy=policy, static_argnums=(2, 3)) if self.remat_policy else Block
             self.blocks = [
                 block(
                     cfg.num_heads,
@@ -279,7 +325,8 @@ class ImageEncoderViT(nn.Module):
         """(B, h, w, embed_dim) -> (B, h, w, out_chans): 1x1 conv, LN, 3x3 conv, LN."""
         return self.neck_3(self.neck_2(self.neck_1(self.neck_0(x))))
 
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+        """`deterministic=False` with `drop_path_rate` > 0 applies drop path (needs a 'dropout' rng)."""
         cfg = self.config
         if images.ndim != 4 or images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
             raise ValueError(
@@ -287,9 +334,13 @@ class ImageEncoderViT(nn.Module):
                 f"normalised, padded images; got shape {images.shape}"
             )
         x = self.patch_embed(images) + self.pos_embed.astype(self.dtype)
+        deterministic = deterministic or self.drop_path_rate == 0
+        rates = drop_path_rates(self.drop_path_rate, cfg.depth)
         if self.scan_blocks:
-            x, _ = self.block_groups(x, None)
+            # Block i = group * blocks_per_group + j keeps its absolute-index rate.
+            per_group = np.asarray(rates, np.float32).reshape(-1, cfg.blocks_per_group)
+            x, _ = self.block_groups(x, jnp.asarray(per_group), deterministic)
         else:
-            for block in self.blocks:
-                x = block(x)
+            for block, rate in zip(self.blocks, rates):
+                x = block(x, deterministic, rate)
         return self.neck(x)

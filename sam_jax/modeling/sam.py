@@ -28,12 +28,16 @@ class Sam(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan_blocks: bool = False  # encoder blocks under nn.scan (stacked param layout)
     remat_policy: Optional[str] = None  # see image_encoder.REMAT_POLICIES
+    # Training only: encoder stochastic depth, rising linearly over the blocks to this rate
+    # (the paper: 0.4 ViT-H/L, 0.6 ViT-B); active in `encode_image(..., deterministic=False)`.
+    drop_path_rate: float = 0.0
 
     def setup(self):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.image_encoder = ImageEncoderViT(
-            cfg.encoder, scan_blocks=self.scan_blocks, remat_policy=self.remat_policy, **kw
+            cfg.encoder, scan_blocks=self.scan_blocks, remat_policy=self.remat_policy,
+            drop_path_rate=self.drop_path_rate, **kw
         )
         self.prompt_encoder = PromptEncoder(
             embed_dim=cfg.prompt_embed_dim,
@@ -54,9 +58,14 @@ class Sam(nn.Module):
             **kw,
         )
 
-    def encode_image(self, images: jax.Array) -> jax.Array:
-        """(B, S, S, 3) preprocessed images -> (B, h, w, D) image embeddings."""
-        return self.image_encoder(images)
+    def encode_image(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+        """(B, S, S, 3) preprocessed images -> (B, h, w, D) image embeddings.
+
+        `deterministic=False` (training) applies `drop_path_rate`, drawing per-sample masks
+        from the 'dropout' rng: `model.apply(v, x, False, method=Sam.encode_image,
+        rngs={"dropout": key})`. The default is the inference graph, whatever the rate.
+        """
+        return self.image_encoder(images, deterministic)
 
     def decode(
         self,
@@ -142,10 +151,11 @@ class Sam(nn.Module):
             )
 
     def __call__(self, images, point_coords=None, point_labels=None, boxes=None,
-                 mask_inputs=None, multimask_output: bool = True):
-        """Encodes one preprocessed image (1, S, S, 3) and decodes B prompts on it."""
+                 mask_inputs=None, multimask_output: bool = True, deterministic: bool = True):
+        """Encodes one preprocessed image (1, S, S, 3) and decodes B prompts on it;
+        `deterministic`: see `encode_image`."""
         return self.decode(
-            self.encode_image(images), point_coords, point_labels, boxes, mask_inputs,
+            self.encode_image(images, deterministic), point_coords, point_labels, boxes, mask_inputs,
             multimask_output,
         )
 

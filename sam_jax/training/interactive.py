@@ -27,7 +27,7 @@ code does); each iteration's loss is already a mean over valid masks.
 """
 
 import dataclasses
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,11 @@ from sam_jax.training.losses import sam_loss
 # decode(embeddings (B, h, w, D), coords (B, M, N, 2), labels (B, M, N), mask_inputs (B, M, 1, L, L) | None,
 #        multimask) -> low-res logits (B, M, C, L, L), predicted IoU (B, M, C)
 DecodeFn = Callable[..., Tuple[jax.Array, jax.Array]]
+
+
+# Every random draw of a mask comes from its own key folded with one of these,
+# so a mask's prompts do not depend on how the batch is split over devices.
+_FIRST_PROMPT, _SCHEDULE, _CORRECTION = 0, 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,44 +79,50 @@ class InteractiveConfig:
         return self.num_correction_points + 3
 
 
-def correction_schedule(key: jax.Array, num_masks: int, config: InteractiveConfig) -> jax.Array:
-    """(num_iterations - 1, M) bool: True where iteration 2 + t adds a point to mask m.
+def correction_schedule(mask_keys: jax.Array, config: InteractiveConfig) -> jax.Array:
+    """(num_iterations - 1, K) bool: True where iteration 2 + t adds a point to mask k.
 
     The last iteration adds none (if there is any mask-only iteration); the
     other mask-only iterations sit at random places among the rest, per mask.
     """
+    k = mask_keys.shape[0]
     later = config.num_correction_points + config.num_mask_only
     if later == 0:
-        return jnp.zeros((0, num_masks), bool)
+        return jnp.zeros((0, k), bool)
     if config.num_mask_only == 0:
-        return jnp.ones((later, num_masks), bool)
+        return jnp.ones((later, k), bool)
     # Rank random scores of the first later-1 iterations; the lowest num_mask_only-1 add no point.
-    scores = jax.random.uniform(key, (num_masks, later - 1))
+    scores = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, _SCHEDULE), (later - 1,)))(mask_keys)
     ranks = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)
-    adds = jnp.concatenate([ranks >= config.num_mask_only - 1, jnp.zeros((num_masks, 1), bool)], axis=1)
+    adds = jnp.concatenate([ranks >= config.num_mask_only - 1, jnp.zeros((k, 1), bool)], axis=1)
     return adds.T
 
 
 def initial_prompts(
-    key: jax.Array, targets: jax.Array, boxes: jax.Array, image_hw: jax.Array, image_size: int, config: InteractiveConfig
+    mask_keys: jax.Array, targets: jax.Array, boxes: jax.Array, image_hw: jax.Array, image_size: int,
+    config: InteractiveConfig,
 ) -> Tuple[jax.Array, jax.Array]:
     """First prompts of K masks -> point buffers: coords (K, N, 2), labels (K, N).
 
     Args:
+      mask_keys: (K,) one PRNG key per mask.
       targets: (K, H, W) bool ground truth at the loss resolution.
       boxes: (K, 4) XYXY ground-truth boxes in the input frame.
       image_hw: (K, 2) valid image size in the input frame (noisy boxes stay inside).
     """
     k = targets.shape[0]
     n, p = config.num_point_slots, config.num_correction_points
-    choose_key, point_key, box_key = jax.random.split(key, 3)
-    use_box = jax.random.bernoulli(choose_key, config.box_probability, (k,))
-    point, _ = jax.vmap(prompt_sampling.sample_point_in_mask, (0, 0, None))(
-        jax.random.split(point_key, k), targets, image_size
-    )
-    box = jax.vmap(prompt_sampling.noisy_box, (0, 0, 0, None, None))(
-        jax.random.split(box_key, k), boxes.astype(jnp.float32), image_hw, config.box_noise_fraction, config.box_noise_max
-    )
+
+    def one(key, target, box, hw):
+        choose_key, point_key, box_key = jax.random.split(jax.random.fold_in(key, _FIRST_PROMPT), 3)
+        use_box = jax.random.bernoulli(choose_key, config.box_probability)
+        point, _ = prompt_sampling.sample_point_in_mask(point_key, target, image_size)
+        noisy = prompt_sampling.noisy_box(
+            box_key, box.astype(jnp.float32), hw, config.box_noise_fraction, config.box_noise_max
+        )
+        return use_box, point, noisy
+
+    use_box, point, box = jax.vmap(one)(mask_keys, targets, boxes, image_hw)
     coords = jnp.zeros((k, n, 2), jnp.float32)
     coords = coords.at[:, 0].set(point).at[:, p + 1].set(box[:, :2]).at[:, p + 2].set(box[:, 2:])
     labels = jnp.full((k, n), PADDING, jnp.int32)
@@ -134,22 +145,24 @@ def _best(logits: jax.Array, iou: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logits, best[:, None, None, None], axis=1)
 
 
-def _mask_iou(logits: jax.Array, targets: jax.Array, valid: jax.Array) -> jax.Array:
-    """Mean IoU over valid masks of (K, H, W) logits > 0 against (K, H, W) targets."""
+def _mask_iou(logits: jax.Array, targets: jax.Array, valid: jax.Array, num_valid=None) -> jax.Array:
+    """Mean IoU over valid masks (or sum / num_valid) of (K, H, W) logits > 0 against targets."""
     predicted = logits > 0
     inter = jnp.sum(predicted & targets, axis=(1, 2))
     union = jnp.sum(predicted | targets, axis=(1, 2))
     iou = jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)
-    return jnp.sum(jnp.where(valid, iou, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    count = jnp.sum(valid) if num_valid is None else num_valid
+    return jnp.sum(jnp.where(valid, iou, 0.0)) / jnp.maximum(count, 1)
 
 
 def interactive_loss(
     decode: DecodeFn,
     image_embeddings: jax.Array,
     batch: Dict[str, jax.Array],
-    key: jax.Array,
+    image_keys: jax.Array,
     config: InteractiveConfig,
     image_size: int,
+    num_valid: Optional[jax.Array] = None,
 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """The summed loss of the interactive iterations over a batch, and per-iteration metrics.
 
@@ -159,7 +172,11 @@ def interactive_loss(
       batch: masks_low_res (B, M, L, L) bool, masks (B, M, T, T) bool if
         `loss_at_input_resolution`, boxes (B, M, 4), mask_valid (B, M),
         image_size (B, 2) (see `sam_jax.data.preprocess`).
+      image_keys: (B,) PRNG keys, one per image (mask j of an image draws from
+        its key folded with j, so the draws do not depend on the batch split).
       image_size: T, the model's input size.
+      num_valid: divisor of each iteration's loss (default: this batch's valid
+        masks; a data-parallel step passes the count over all devices).
     Returns:
       (loss, metrics): metrics["loss"] / ["focal"] / ["dice"] / ["iou_loss"] are
       (num_iterations,) per-iteration values, metrics["miou"] the mean IoU of
@@ -172,7 +189,8 @@ def interactive_loss(
     targets = targets.reshape(k, size, size).astype(bool)
     valid = batch["mask_valid"].reshape(k)
     image_hw = jnp.repeat(batch["image_size"], m, axis=0)
-    first_key, schedule_key, scan_key = jax.random.split(key, 3)
+    mask_keys = jax.vmap(lambda key: jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(m)))(image_keys)
+    mask_keys = mask_keys.reshape((k,) + mask_keys.shape[2:])
 
     def run(coords, labels, mask_inputs, multimask):
         shaped = lambda x: x.reshape((b, m) + x.shape[1:])
@@ -184,30 +202,31 @@ def interactive_loss(
         total, parts = sam_loss(
             _at_loss_resolution(logits, size), iou, targets, valid,
             focal_weight=config.focal_weight, dice_weight=config.dice_weight,
-            iou_weight=config.iou_weight, iou_kind=config.iou_kind,
+            iou_weight=config.iou_weight, iou_kind=config.iou_kind, num_valid=num_valid,
         )
         best = _at_loss_resolution(_best(logits, iou), size)[:, 0]
         metrics = {"loss": total, "focal": parts["focal"], "dice": parts["dice"], "iou_loss": parts["iou"],
-                   "miou": _mask_iou(best, targets, valid)}
+                   "miou": _mask_iou(best, targets, valid, num_valid)}
         return total, metrics
 
-    coords, labels = initial_prompts(first_key, targets, batch["boxes"].reshape(k, 4), image_hw, image_size, config)
+    coords, labels = initial_prompts(mask_keys, targets, batch["boxes"].reshape(k, 4), image_hw, image_size, config)
     logits, iou = run(coords, labels, None, True)
     total, first_metrics = loss_of(logits, iou)
     previous = jax.lax.stop_gradient(_best(logits, iou))
     if config.num_iterations == 1:
         return total, jax.tree.map(lambda x: x[None], first_metrics)
 
-    adds = correction_schedule(schedule_key, k, config)
+    adds = correction_schedule(mask_keys, config)
     slots = jnp.arange(config.num_point_slots)
 
     @jax.checkpoint
     def iteration(carry, inputs):
         coords, labels, previous, added = carry
-        add, step_key = inputs
+        add, t = inputs
         predicted = _at_loss_resolution(previous, size)[:, 0] > 0
+        keys = jax.vmap(lambda key: jax.random.fold_in(jax.random.fold_in(key, _CORRECTION), t))(mask_keys)
         point, label, has_error = jax.vmap(prompt_sampling.sample_correction, (0, 0, 0, None))(
-            jax.random.split(step_key, k), predicted, targets, image_size
+            keys, predicted, targets, image_size
         )
         add = add & has_error & valid
         write = add[:, None] & (slots[None, :] == 1 + added[:, None])  # (K, N): the next correction slot
@@ -218,9 +237,8 @@ def interactive_loss(
         carry = (coords, labels, jax.lax.stop_gradient(logits), added + add.astype(jnp.int32))
         return carry, (loss, metrics)
 
-    keys = jax.random.split(scan_key, adds.shape[0])
     carry = (coords, labels, previous, jnp.zeros((k,), jnp.int32))
-    _, (losses, metrics) = jax.lax.scan(iteration, carry, (adds, keys))
+    _, (losses, metrics) = jax.lax.scan(iteration, carry, (adds, jnp.arange(adds.shape[0])))
     metrics = jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), first_metrics, metrics)
     return total + jnp.sum(losses), metrics
 

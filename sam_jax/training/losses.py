@@ -24,7 +24,7 @@ Conventions (SAM paper appendix; facebookresearch/sam2 `training/loss_fns.py`):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -112,6 +112,7 @@ def sam_loss(
     alpha: float = 0.25,
     gamma: float = 2.0,
     empty_iou: float = 1.0,
+    num_valid: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, dict[str, Any]]:
     """SAM's loss for one decoder step: (total, parts).
 
@@ -123,7 +124,8 @@ def sam_loss(
     scalar; parts holds the unweighted "focal", "dice" and "iou" (each summed over
     valid masks / max(1, #valid)) and "selected" (M,) int32, the supervised candidate
     of each mask (0 for padding). Summing `total` over the interactive steps gives SAM 2's
-    multi-step loss.
+    multi-step loss. `num_valid` overrides the divisor, for data-parallel steps
+    that divide by the count over all devices (then gradients are summed, not averaged).
     """
     _check(logits, targets)
     valid = jnp.asarray(valid)
@@ -149,7 +151,7 @@ def sam_loss(
     def pick(per_candidate: jax.Array) -> jax.Array:
         return jnp.take_along_axis(per_candidate, selected[:, None], axis=1)[:, 0]
 
-    num_valid = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+    num_valid = jnp.maximum(valid.sum() if num_valid is None else num_valid, 1).astype(jnp.float32)
 
     def reduce(per_mask: jax.Array) -> jax.Array:
         return jnp.where(valid, per_mask, 0.0).sum() / num_valid

@@ -1,0 +1,174 @@
+"""One pure train step, and the two ways it runs on many devices.
+
+    step(state, batch) -> (state, metrics)
+
+encodes each image once (with the model's drop path unless the encoder is
+frozen), runs the interactive loop (`interactive.py`) on its masks, and
+applies one optimizer update. Prompt randomness is per image: image i of the
+global batch draws from fold_in(fold_in(state.rng, step), i), so with drop
+path off the result does not depend on how the batch is split over devices.
+
+- `pmap_train_step`: `jax.pmap` data parallelism; each device holds a
+  replica and a slice of the batch; the loss is divided by the valid-mask
+  count over all devices and gradients are summed (`psum`), which equals the
+  single-device step on the global batch.
+- `sharded_train_step`: `jax.jit` over a Mesh; the batch is sharded on its
+  leading axis and every param / optimizer-state tensor FSDP-style on its
+  largest axis divisible by the device count (`fsdp_sharding`), so vit_h's
+  state is spread over the pod instead of replicated.
+
+A non-finite loss or gradient leaves params and optimizer state as they were
+and counts the skip (`nonfinite_in_a_row`, `nonfinite_total`); the training
+loop stops after too many in a row.
+"""
+
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sam_jax.modeling import Sam, preprocess_padded
+from sam_jax.training.interactive import InteractiveConfig, interactive_loss, make_decode
+
+
+_DROPOUT_STREAM = 2**31 - 1  # image indices fold in below this
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # () int32
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # (2,) uint32 base key; each step folds in its number
+    nonfinite_in_a_row: jax.Array  # () int32
+    nonfinite_total: jax.Array  # () int32
+
+
+def create_train_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    zero = lambda: jnp.zeros((), jnp.int32)
+    state = TrainState(
+        step=zero(), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed),
+        nonfinite_in_a_row=zero(), nonfinite_total=zero(),
+    )
+    # Every leaf its own buffer (optax may share one zero between counters): the step donates the state.
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(
+    model: Sam,
+    optimizer: optax.GradientTransformation,
+    interactive: InteractiveConfig,
+    *,
+    freeze_image_encoder: bool = False,
+    axis_name: Optional[str] = None,
+    learning_rate: Optional[Callable[[jax.Array], jax.Array]] = None,
+) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict[str, jax.Array]]]:
+    """The step as a pure function. `axis_name` names the pmap axis (None under jit).
+
+    batch: the input pipeline's (image, image_size, masks_low_res, [masks], boxes,
+    mask_valid; see `sam_jax.data.preprocess`), B images on this call.
+    metrics: per-iteration "loss", "focal", "dice", "iou_loss", "miou"
+    (num_iterations,), "total_loss", "grad_norm", "learning_rate", "skipped".
+    """
+    image_size = model.config.image_size
+
+    def step(state: TrainState, batch: Dict[str, jax.Array]):
+        b = batch["image"].shape[0]
+        first = 0 if axis_name is None else jax.lax.axis_index(axis_name) * b
+        step_key = jax.random.fold_in(state.rng, state.step)
+        image_keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first + jnp.arange(b))
+        num_valid = jnp.sum(batch["mask_valid"])
+        if axis_name is not None:
+            num_valid = jax.lax.psum(num_valid, axis_name)
+
+        dropout_key = jax.random.fold_in(step_key, _DROPOUT_STREAM)
+        if axis_name is not None:  # drop-path masks are drawn per device (the one draw not split per image)
+            dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
+
+        def loss_fn(params):
+            images = preprocess_padded(batch["image"], batch["image_size"], model.config)
+            embeddings = model.apply(
+                {"params": params}, images, freeze_image_encoder, method=Sam.encode_image, rngs={"dropout": dropout_key}
+            )
+            if freeze_image_encoder:
+                embeddings = jax.lax.stop_gradient(embeddings)
+            return interactive_loss(
+                make_decode(model, params), embeddings, batch, image_keys, interactive, image_size, num_valid
+            )
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        if axis_name is not None:
+            # Each device's loss is already divided by the global count: the global loss is the sum.
+            loss, grads = jax.lax.psum((loss, grads), axis_name)
+            metrics = jax.lax.psum(metrics, axis_name)  # every metric is a share of the global mean
+
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        state = state.replace(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
+            nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, 1),
+        )
+        metrics = dict(metrics, total_loss=loss, grad_norm=optax.tree.norm(grads), skipped=~finite)
+        if learning_rate is not None:
+            metrics["learning_rate"] = learning_rate(state.step - 1)
+        return state, metrics
+
+    return step
+
+
+def pmap_train_step(step_fn, axis_name: str = "devices"):
+    """`jax.pmap` of a step made with `make_train_step(..., axis_name=axis_name)`.
+
+    Inputs: a state replicated over local devices (`flax.jax_utils.replicate`)
+    and a batch with a leading (local devices, per-device batch) split.
+    """
+    return jax.pmap(step_fn, axis_name=axis_name, donate_argnums=(0,))
+
+
+def fsdp_sharding(mesh: Mesh, axis: str = "data") -> Callable[[jax.ShapeDtypeStruct], NamedSharding]:
+    """Shape -> sharding: the largest dimension divisible by the axis size is split, else replicated."""
+    size = mesh.shape[axis]
+
+    def rule(leaf) -> NamedSharding:
+        shape = tuple(leaf.shape)
+        candidates = [d for d in np.argsort(shape)[::-1] if shape[d] % size == 0 and shape[d] >= size]
+        spec = [None] * len(shape)
+        if candidates and size > 1:
+            spec[int(candidates[0])] = axis
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return rule
+
+
+def sharded_train_step(step_fn, state_shapes: TrainState, mesh: Mesh, axis: str = "data"):
+    """`jax.jit` of a step made with `make_train_step(...)` (no axis_name) over `mesh`.
+
+    Returns (jitted step, state shardings). Place the state with
+    `jax.device_put(state, shardings)`; batches sharded on the leading axis
+    (what `InputPipeline` yields for a 1-D "data" mesh).
+    """
+    rule = fsdp_sharding(mesh, axis)
+    state_shardings = jax.tree.map(rule, state_shapes)
+    batch_sharding = NamedSharding(mesh, PartitionSpec(axis))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+    return jitted, state_shardings
