@@ -11,12 +11,14 @@ one process in preprocess_record alone and for the full pipeline with
 """
 
 import argparse
+import io
 import json
 import os
 import time
 
 import jax
 import numpy as np
+from PIL import Image
 
 from sam_jax.data.builders.sam_synthetic import scene_record
 from sam_jax.data.pipeline import InputPipeline, PipelineConfig
@@ -25,9 +27,6 @@ from sam_jax.data.synthetic import generate_scene
 
 
 def make_records(count: int, height: int, width: int) -> list:
-    from PIL import Image
-    import io
-
     records = []
     for i in range(count):
         record = scene_record(generate_scene(i, height, width), image_id=i, file_name=f"bench_{i}.png")

@@ -6,6 +6,19 @@ from sam_jax.data import rle
 from sam_jax.data.masks import farthest_from_boundary
 
 
+def mask_to_box_xyxy(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool -> (N, 4) float32 tight XYXY boxes (x1, y1 exclusive); zeros if empty."""
+    n = masks.shape[0]
+    boxes = np.zeros((n, 4), np.float32)
+    rows = masks.any(axis=2)
+    cols = masks.any(axis=1)
+    for i in range(n):
+        ys, xs = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
+        if ys.size:
+            boxes[i] = (xs[0], ys[0], xs[-1] + 1, ys[-1] + 1)
+    return boxes
+
+
 def make_record(h, w, rects, image=None, iscrowd=None, image_id=7):
     """A record in the builders' layout with rectangular masks (x0, y0, x1, y1), x1/y1 exclusive."""
     masks = np.zeros((len(rects), h, w), bool)

@@ -6,7 +6,8 @@ from scipy import ndimage
 
 from sam_jax.data import rle
 from sam_jax.data.bad_records import BadRecordError, BadRecordPolicy
-from sam_jax.data.masks import farthest_from_boundary, mask_to_box_xyxy
+from data_records import mask_to_box_xyxy
+from sam_jax.data.masks import farthest_from_boundary
 
 
 def fortran_runs(mask):

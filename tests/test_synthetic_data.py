@@ -10,7 +10,8 @@ import pytest
 
 from sam_jax.data import rle, synthetic
 from sam_jax.data.builders.sam_synthetic import SamSynthetic, SamSyntheticConfig, example_scene
-from sam_jax.data.masks import farthest_from_boundary, mask_to_box_xyxy
+from data_records import mask_to_box_xyxy
+from sam_jax.data.masks import farthest_from_boundary
 
 SEEDS = range(8)
 

@@ -147,9 +147,7 @@ def segmentation_to_mask(segm, hw: Tuple[int, int], where: str) -> np.ndarray:
                 raise BadRecordError("undecodable_rle", where, problem)
             encoded = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
         elif isinstance(counts, str):
-            if not counts.isascii():
-                raise BadRecordError("undecodable_rle", where, "undecodable RLE: counts string is not ASCII")
-            rle.check_counts(counts, (h, w), where)
+            rle.check_counts(counts, (h, w), where)  # also refuses non-ASCII
             encoded = {"size": [h, w], "counts": counts.encode("ascii")}
         else:
             problem = f"RLE counts is a {type(counts).__name__}, not a list or string"

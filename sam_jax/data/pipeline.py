@@ -67,7 +67,7 @@ def open_source(dataset: str, split: str, data_dir: Optional[str] = None):
 
     from sam_jax.data import builders  # noqa: F401  registers this package's builders
 
-    if os.path.isdir(os.path.join(dataset, "")) and os.path.exists(os.path.join(dataset, "dataset_info.json")):
+    if os.path.isfile(os.path.join(dataset, "dataset_info.json")):
         builder = tfds.builder_from_directory(dataset)
     else:
         try:

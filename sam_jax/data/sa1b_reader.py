@@ -234,11 +234,7 @@ def _checked_mask_area(ann: dict, hw: Tuple[int, int], where: str) -> int:
     if tuple(segmentation["size"]) != hw:
         h, w = segmentation["size"]
         raise BadRecordError("mask_size_mismatch", where, f"mask is {h}x{w} but its image is {hw[0]}x{hw[1]}")
-    counts = segmentation["counts"]
-    # rle.check_counts maps non-ASCII characters to '?', which is a valid RLE digit.
-    if not counts.isascii():
-        raise BadRecordError("undecodable_rle", where, "undecodable RLE: counts string is not ASCII")
-    area = rle.check_counts(counts, hw, where)
+    area = rle.check_counts(segmentation["counts"], hw, where)
     if area == 0:
         raise BadRecordError("empty_mask", where, "mask has zero area")
     return area

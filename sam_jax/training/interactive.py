@@ -32,9 +32,10 @@ from typing import Callable, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from sam_jax.modeling import Sam
 from sam_jax.modeling.prompt_encoder import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, FOREGROUND, PADDING
 from sam_jax.training import prompt_sampling
-from sam_jax.training.losses import sam_loss
+from sam_jax.training.losses import sam_loss, upsample_logits
 
 # decode(embeddings (B, h, w, D), coords (B, M, N, 2), labels (B, M, N), mask_inputs (B, M, 1, L, L) | None,
 #        multimask) -> low-res logits (B, M, C, L, L), predicted IoU (B, M, C)
@@ -133,10 +134,8 @@ def initial_prompts(
 
 
 def _at_loss_resolution(logits: jax.Array, size: int) -> jax.Array:
-    """(K, C, L, L) -> (K, C, size, size) bilinear (half-pixel centres, as F.interpolate)."""
-    if logits.shape[-1] == size:
-        return logits
-    return jax.image.resize(logits, logits.shape[:2] + (size, size), "bilinear")
+    """(K, C, L, L) -> (K, C, size, size), as SAM 2 brings logits to the target size."""
+    return logits if logits.shape[-1] == size else upsample_logits(logits, (size, size))
 
 
 def _best(logits: jax.Array, iou: jax.Array) -> jax.Array:
@@ -243,9 +242,8 @@ def interactive_loss(
     return total + jnp.sum(losses), metrics
 
 
-def make_decode(model, params) -> DecodeFn:
+def make_decode(model: Sam, params) -> DecodeFn:
     """DecodeFn of a `Sam` model and its params: the decoder vmapped over images."""
-    from sam_jax.modeling import Sam
 
     def decode(embeddings, coords, labels, mask_inputs, multimask):
         def one_image(embedding, c, l, mi):

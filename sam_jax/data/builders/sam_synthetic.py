@@ -83,7 +83,7 @@ class SamSynthetic(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "First release."}
     BUILDER_CONFIGS = [
         SamSyntheticConfig(
-            name="default", description="2,000 train + 200 validation images, sides 384-1024 px (~1.2 GB).",
+            name="default", description="2,000 train + 200 validation images, sides 384-1024 px.",
             num_train=2_000, num_validation=200, min_side=384, max_side=1024, seed=0,
         ),
         SamSyntheticConfig(
