@@ -34,7 +34,7 @@ def parse_splits(values: List[str]) -> Dict[str, Tuple[str, str]]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", help="sam_synthetic[/small|/default], sa1b or coco_instances")
+    parser.add_argument("dataset", help="sam_synthetic[/small|/cpu|/default], sa1b or coco_instances")
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"where prepared data go (default {DEFAULT_DATA_DIR})")
     parser.add_argument("--manual-dir", help="the SA-1B tars / folders, or the COCO 2017 root")
     parser.add_argument("--split", action="append", default=[], help="coco_instances: NAME=ANNOTATIONS.json:IMAGE_DIR")

@@ -169,7 +169,8 @@ def test_every_correction_lies_in_the_previous_error_region():
         key = jax.random.fold_in(jax.random.PRNGKey(0), step)
         logits = jax.random.normal(key, (b, m, c, 64, 64)) + 0.5 * (batch["masks_low_res"][:, :, None] - 0.5)
         shown = jnp.zeros((b, m, 1, 64, 64)) if mask_inputs is None else mask_inputs
-        jax.debug.callback(lambda *a: seen.append(tuple(np.asarray(x) for x in a)), coords, labels, shown)
+        jax.debug.callback(lambda *a: seen.append(tuple(np.array(x, copy=True) for x in a)), coords, labels, shown,
+                           ordered=True)
         return logits, jax.random.uniform(key, (b, m, c))
 
     loss, metrics = jax.jit(lambda key: interactive_loss(decode, jnp.zeros((2, 1, 1, 1)), batch, key, config, 256))(

@@ -237,7 +237,7 @@ def test_validation_split_is_fixed_and_held_out(small, tmp_path):
 
 def test_builder_interface(small):
     assert small.info.metadata["bad_records"] == {s: {"skipped": {}, "examples": {}} for s in ("train", "validation")}
-    assert {c.name for c in SamSynthetic.BUILDER_CONFIGS} == {"small", "default"}
+    assert {c.name for c in SamSynthetic.BUILDER_CONFIGS} == {"small", "cpu", "default"}
     assert isinstance(small.builder_config, SamSyntheticConfig)
     with pytest.raises(ValueError, match="on_bad_record"):
         SamSynthetic(config="small", on_bad_record="ignore")

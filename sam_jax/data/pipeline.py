@@ -243,3 +243,24 @@ class InputPipeline:
 
     def close(self) -> None:
         self._halt()
+
+
+def evaluation_batches(
+    source, preprocess: PreprocessConfig, batch_size: int, num_images: Optional[int] = None
+) -> Iterator[Dict[str, np.ndarray]]:
+    """The first `num_images` records (all by default) in order, preprocessed without augmentation,
+    as numpy batches with unpacked (B, M, T, T) masks; the last batch is padded with
+    examples whose masks are all invalid. Evaluation wants every mask: give
+    `preprocess.max_masks` at least the largest mask count of the split."""
+    if preprocess.scale_range is not None or preprocess.horizontal_flip or not preprocess.input_res_masks:
+        raise ValueError("evaluation preprocessing takes no jitter or flip and needs input_res_masks=True")
+    total = len(source) if num_images is None else min(num_images, len(source))
+    for start in range(0, total, batch_size):
+        examples = [preprocess_record(source[i], preprocess, np.random.default_rng(i))
+                    for i in range(start, min(start + batch_size, total))]
+        while len(examples) < batch_size:
+            pad = jax.tree.map(np.zeros_like, examples[0])
+            examples.append(pad)
+        batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+        batch["masks"] = np.unpackbits(batch["masks"], axis=-1).astype(bool)
+        yield batch

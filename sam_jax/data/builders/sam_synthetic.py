@@ -90,6 +90,10 @@ class SamSynthetic(tfds.core.GeneratorBasedBuilder):
             name="small", description="48 train + 16 validation images, sides 96-256 px; for tests and demos.",
             num_train=48, num_validation=16, min_side=96, max_side=256, seed=1,
         ),
+        SamSyntheticConfig(
+            name="cpu", description="4,000 train + 100 validation images, sides 96-256 px; the CPU training run.",
+            num_train=4_000, num_validation=100, min_side=96, max_side=256, seed=2,
+        ),
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "default"
 

@@ -1,0 +1,1 @@
+"""Evaluation: the paper's interactive point protocol (`clicks`, `point_protocol`)."""

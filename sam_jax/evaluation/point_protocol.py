@@ -1,0 +1,199 @@
+"""mIoU after each simulated click (the paper's point protocol), batched over images and masks.
+
+For every ground-truth mask the protocol places a first click (`clicks`:
+farthest from the boundary, or uniform over the mask with `first_click=
+"random"`), predicts, and then adds a click at the centre of the larger error
+region, feeding back the previous low-res logits, up to `num_clicks`. The
+first prediction is multimask (three masks; the default score takes the most
+confident one, the oracle the best of three against the ground truth); later
+predictions, with several points, use the single-mask output as the official
+predictor recommends (and as SAM is trained), so default and oracle agree there.
+
+The work runs in the preprocessed input frame of `sam_jax.data.preprocess`
+(longest side T, zero padded): masks are compared at T x T inside the
+image's valid region, and clicks are pixel indices of that frame. Encoding,
+decoding, upsampling and IoU run jitted on the device for a whole batch
+(B images x M masks); only the click placement (an exact distance transform
+around each error region) runs on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sam_jax.evaluation.clicks import next_click
+from sam_jax.modeling import Sam, preprocess_padded
+from sam_jax.modeling.prompt_encoder import FOREGROUND, PADDING
+from sam_jax.training.losses import upsample_logits
+
+FIRST_CLICKS = ("center", "random")
+REPORTED_CLICKS = (1, 2, 3, 5, 9)  # the paper's columns
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtocolConfig:
+    num_clicks: int = 9
+    first_click: str = "center"  # "center": farthest from the boundary; "random": uniform over the mask
+    seed: int = 0  # for first_click="random"
+
+    def __post_init__(self):
+        if not isinstance(self.num_clicks, int) or self.num_clicks < 1:
+            raise ValueError(f"num_clicks must be an int >= 1, got {self.num_clicks!r}")
+        if self.first_click not in FIRST_CLICKS:
+            raise ValueError(f"first_click must be one of {FIRST_CLICKS}, got {self.first_click!r}")
+
+
+@dataclasses.dataclass
+class ProtocolResult:
+    """Per-mask IoUs (num_masks, num_clicks) of the most confident mask and of the oracle."""
+
+    iou: np.ndarray
+    oracle_iou: np.ndarray
+    image_ids: np.ndarray  # (num_masks,) the image of each mask
+    # With evaluate_batch(keep_clicks=...): the batch's (B, M, T, T) predictions after those
+    # clicks ({click count: masks}), and every click, coords (B, M, n, 2) and labels (B, M, n).
+    predictions: Optional[Dict[int, np.ndarray]] = None
+    click_coords: Optional[np.ndarray] = None
+    click_labels: Optional[np.ndarray] = None
+
+    @property
+    def num_masks(self) -> int:
+        return int(self.iou.shape[0])
+
+    def miou(self, oracle: bool = False) -> np.ndarray:
+        """(num_clicks,) mean IoU over masks after 1, 2, ... clicks."""
+        values = self.oracle_iou if oracle else self.iou
+        return values.mean(axis=0) if len(values) else np.full(values.shape[1], np.nan)
+
+    def summary(self) -> Dict[str, Any]:
+        clicks = [c for c in REPORTED_CLICKS if c <= self.iou.shape[1]]
+        miou, oracle = self.miou(), self.miou(oracle=True)
+        return {
+            "num_masks": self.num_masks,
+            "num_images": int(len(np.unique(self.image_ids))),
+            "miou": {str(c): float(miou[c - 1]) for c in clicks},
+            "oracle_miou": {str(c): float(oracle[c - 1]) for c in clicks},
+            "miou_per_click": [float(v) for v in miou],
+        }
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(model: Sam, params, images, image_hw):
+    return model.apply({"params": params}, preprocess_padded(images, image_hw, model.config), method=Sam.encode_image)
+
+
+# predict(coords (B, M, n, 2), labels (B, M, n), mask_inputs (B, M, 1, L, L) | None, multimask)
+#   -> masks (B, M, C, T, T) bool, scores (B, M, C) predicted IoU, low-res logits (B, M, C, L, L)
+PredictFn = Callable[[np.ndarray, np.ndarray, Optional[jax.Array], bool], Tuple[jax.Array, jax.Array, jax.Array]]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _predict(model: Sam, params, embeddings, coords, labels, mask_inputs, image_hw, multimask: bool):
+    """PredictFn of a model on embeddings (B, h, w, D); image_hw (B, 2) is the
+    valid size in the T x T frame, outside which masks are False."""
+    t = model.config.image_size
+
+    def one_image(embedding, c, l, mi):
+        return model.apply({"params": params}, embedding[None], c, l, None, mi, multimask, method=Sam.decode)
+
+    if mask_inputs is None:
+        low_res, iou = jax.vmap(lambda e, c, l: one_image(e, c, l, None))(embeddings, coords, labels)
+    else:
+        low_res, iou = jax.vmap(one_image)(embeddings, coords, labels, mask_inputs)
+    b, m, c = iou.shape
+    rows = jnp.arange(t)[None, :, None] < image_hw[:, 0, None, None]
+    cols = jnp.arange(t)[None, None, :] < image_hw[:, 1, None, None]
+    inside = rows & cols  # (B, T, T)
+    masks = upsample_logits(low_res.reshape((b * m, c) + low_res.shape[-2:]), (t, t)) > model.config.mask_threshold
+    return masks.reshape(b, m, c, t, t) & inside[:, None, None], iou, low_res
+
+
+@jax.jit
+def _score(masks, scores, low_res, targets):
+    """Most confident mask (B, M, T, T), its low-res logits (B, M, 1, L, L), its IoU (B, M)
+    and every output's IoU (B, M, C) against targets (B, M, T, T); IoU is 1 where both are empty."""
+    inter = jnp.sum(masks & targets[:, :, None], axis=(-2, -1))
+    union = jnp.sum(masks | targets[:, :, None], axis=(-2, -1))
+    ious = jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)
+    best = jnp.argmax(scores, axis=-1)[:, :, None]
+    pick = lambda x: jnp.take_along_axis(x, best.reshape(best.shape + (1,) * (x.ndim - 3)), axis=2)
+    return pick(masks)[:, :, 0], pick(low_res), pick(ious)[..., 0], ious
+
+
+def _first_click_random(target: np.ndarray, rng: np.random.Generator):
+    ys, xs = np.nonzero(target)
+    k = int(rng.integers(len(ys)))
+    return int(xs[k]), int(ys[k])
+
+
+def run_protocol(predict: PredictFn, targets: np.ndarray, valid: np.ndarray, image_ids: np.ndarray,
+                 config: ProtocolConfig, keep_clicks: tuple[int, ...] = ()) -> ProtocolResult:
+    """The protocol for targets (B, M, T, T) bool with valid (B, M), driving any `predict`.
+    `keep_clicks`: click counts whose predicted masks to return (for pictures)."""
+    targets = np.asarray(targets, bool)
+    b, m = valid.shape
+    n = config.num_clicks
+    coords = np.zeros((b, m, n, 2), np.float32)
+    labels = np.full((b, m, n), PADDING, np.int32)
+    predicted = np.zeros_like(targets)
+    mask_inputs = None
+    iou = np.zeros((b, m, n), np.float32)
+    oracle = np.zeros((b, m, n), np.float32)
+    device_targets = jnp.asarray(targets)
+    kept: Dict[int, np.ndarray] = {}
+    for click in range(n):
+        for i, j in zip(*np.nonzero(valid)):
+            if click == 0 and config.first_click == "random":
+                rng = np.random.default_rng([config.seed, int(image_ids[i]), int(j)])
+                x, y = _first_click_random(targets[i, j], rng)
+                label, placed = FOREGROUND, True
+            else:
+                x, y, label, placed = next_click(targets[i, j], predicted[i, j])
+            if placed:
+                coords[i, j, click] = (x, y)
+                labels[i, j, click] = label
+        masks, scores, low_res = predict(coords, labels, mask_inputs, click == 0)
+        best, mask_inputs, best_iou, output_ious = _score(masks, scores, low_res, device_targets)
+        iou[:, :, click] = np.asarray(best_iou)
+        oracle[:, :, click] = np.asarray(output_ious).max(axis=-1)
+        predicted = np.asarray(best)
+        if click + 1 in keep_clicks:
+            kept[click + 1] = predicted
+    per_mask_image = np.repeat(np.asarray(image_ids)[:, None], m, axis=1)[valid]
+    if not keep_clicks:
+        return ProtocolResult(iou[valid], oracle[valid], per_mask_image)
+    return ProtocolResult(iou[valid], oracle[valid], per_mask_image, kept, coords, labels)
+
+
+def evaluate_batch(model: Sam, params, batch: Dict[str, np.ndarray], config: ProtocolConfig,
+                   keep_clicks: tuple[int, ...] = ()) -> ProtocolResult:
+    """The protocol with a model on one batch of preprocessed examples (numpy, masks
+    unpacked: (B, M, T, T) bool); the image is encoded once, each click decodes every mask."""
+    image_hw = jnp.asarray(batch["image_size"])
+    embeddings = _encode(model, params, jnp.asarray(batch["image"]), image_hw)
+
+    def predict(coords, labels, mask_inputs, multimask):
+        return _predict(model, params, embeddings, jnp.asarray(coords), jnp.asarray(labels), mask_inputs,
+                        image_hw, multimask)
+
+    valid = np.asarray(batch["mask_valid"], bool)
+    return run_protocol(predict, batch["masks"], valid, np.asarray(batch["image_id"]), config, keep_clicks)
+
+
+def evaluate(model: Sam, params, batches: Iterable[Dict[str, np.ndarray]], config: ProtocolConfig,
+             progress: Optional[Any] = None) -> ProtocolResult:
+    """The protocol over batches of preprocessed examples; `progress` (e.g. tqdm) is updated per image."""
+    parts = []
+    for batch in batches:
+        parts.append(evaluate_batch(model, params, batch, config))
+        if progress is not None:
+            progress.update(int(np.asarray(batch["image"]).shape[0]))
+    if not parts:
+        raise ValueError("no examples to evaluate")
+    return ProtocolResult(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("iou", "oracle_iou", "image_ids")))

@@ -1,0 +1,188 @@
+"""`experiments.train` end to end on the seconds-long `synthetic_smoke` config: what a run
+writes, `sam-jax segment` on its export, exact resume after SIGKILL, and refused inputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments import train
+from experiments.train_configs import get_config
+from sam_jax import load_sam
+from sam_jax.checkpoint import flatten
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    import tensorflow_datasets as tfds
+
+    from sam_jax.data import builders  # noqa: F401
+
+    path = tmp_path_factory.mktemp("tfds")
+    tfds.builder("sam_synthetic/small", data_dir=str(path)).download_and_prepare()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def run_train(workdir, data_dir, cache_dir, *overrides, wait=True):
+    command = [sys.executable, "-m", "experiments.train", "--config", "synthetic_smoke", "--workdir", str(workdir),
+               "--data-dir", data_dir, "--compilation-cache", cache_dir, "--no-progress"]
+    for override in overrides:
+        command += ["--set", override]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return process
+    out, err = process.communicate(timeout=900)
+    return process.returncode, out, err
+
+
+def params_of(directory):
+    return flatten(load_sam(directory)[1])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir, cache_dir):
+    workdir = tmp_path_factory.mktemp("run") / "smoke"
+    code, out, err = run_train(workdir, data_dir, cache_dir, "optimizer.total_steps=8")
+    assert code == 0, err
+    return workdir, out
+
+
+def test_a_run_writes_logs_pictures_and_a_loadable_model(finished_run):
+    workdir, out = finished_run
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/total_loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
+    for row in train_rows:
+        assert np.isfinite(row["train/total_loss"]) and row["train/learning_rate"] > 0
+        assert {f"train/miou_iter_{k}" for k in range(1, 5)} <= row.keys()  # 1 + 2 corrections + 1 mask-only
+        assert row["train/steps_per_s"] > 0 and row["train/grad_norm"] > 0
+    eval_row = rows[-1]
+    assert eval_row["step"] == 8 and set(eval_row) >= {"eval/miou_1_clicks", "eval/miou_3_clicks"}
+    assert json.loads(out) == json.loads((workdir / "eval.json").read_text())
+    assert json.loads(out)["num_images"] == 4
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(workdir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/total_loss")] == [2, 4, 6, 8]
+    assert [e.value for e in events.Scalars("train/total_loss")] == pytest.approx(
+        [r["train/total_loss"] for r in train_rows], rel=1e-6)
+    assert events.Scalars("eval/miou_1_clicks")[0].value == pytest.approx(eval_row["eval/miou_1_clicks"])
+
+    for picture in ("curves.png", "samples.png"):
+        with Image.open(workdir / picture) as image:
+            assert image.size[0] > 200 and image.size[1] > 100
+    params = params_of(workdir / "model")
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4", "6", "8"]  # keep_checkpoints=3
+    assert len(params) > 50 and all(np.isfinite(v).all() for v in params.values())
+
+
+def test_sam_jax_segment_runs_on_the_exported_model(finished_run, tmp_path):
+    from sam_jax.cli import main
+
+    workdir, _ = finished_run
+    samples = workdir / "samples"
+    prompts = json.loads((workdir / "sample_prompts.json").read_text())
+    assert len(prompts) == 2
+    code = main(["segment", "--checkpoint", str(workdir / "model"), "--input", str(samples),
+                 "--prompts", str(workdir / "sample_prompts.json"), "--output", str(tmp_path / "out")])
+    assert code == 0
+    for name in prompts:
+        result = json.loads((tmp_path / "out" / Path(name).stem / "result.json").read_text())
+        with Image.open(samples / name) as image:
+            assert (result["image"]["height"], result["image"]["width"]) == (image.height, image.width)
+            assert result["prompt"]["point_coords"] == prompts[name]["point_coords"]
+
+
+def test_a_finished_run_restarted_does_not_train_again(finished_run, data_dir, cache_dir):
+    workdir, out = finished_run
+    before = (workdir / "metrics.jsonl").read_text()
+    code, out2, err = run_train(workdir, data_dir, cache_dir, "optimizer.total_steps=8")
+    assert code == 0, err
+    assert "resumed from the checkpoint of step 8" in err
+    assert json.loads(out2) == json.loads(out)
+    assert (workdir / "metrics.jsonl").read_text() == before
+
+
+def test_sigkill_and_restart_reach_bit_identical_params(finished_run, tmp_path, data_dir, cache_dir):
+    reference, _ = finished_run
+    workdir = tmp_path / "killed"
+    process = run_train(workdir, data_dir, cache_dir, "optimizer.total_steps=8", wait=False)
+    checkpoint = workdir / "checkpoints" / "4"
+    deadline = time.monotonic() + 600
+    while not (checkpoint / "_CHECKPOINT_METADATA").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint of step 4 within 10 minutes"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (workdir / "model").exists()
+
+    code, _, err = run_train(workdir, data_dir, cache_dir, "optimizer.total_steps=8")
+    assert code == 0, err
+    assert "resumed from the checkpoint of step" in err
+    expected, got = params_of(reference / "model"), params_of(workdir / "model")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 8]  # rows past the restored step were dropped, none repeated
+
+
+def test_a_changed_config_on_resume_is_refused(finished_run, data_dir, cache_dir, capsys):
+    workdir, _ = finished_run
+    code = train.main(["--config", "synthetic_smoke", "--workdir", str(workdir), "--data-dir", data_dir,
+                       "--compilation-cache", cache_dir, "--set", "optimizer.total_steps=8",
+                       "--set", "optimizer.learning_rate=0.5"])
+    assert code == 2
+    assert "another config (changed: optimizer.learning_rate)" in capsys.readouterr().err
+
+
+def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, data_dir, cache_dir):
+    code, _, err = run_train(tmp_path / "nan", data_dir, cache_dir, "optimizer.learning_rate=1e30",
+                             "optimizer.warmup_steps=0", "optimizer.total_steps=12", "max_nonfinite_in_a_row=3")
+    assert code == 2
+    assert "3 steps in a row" in err and "non-finite" in err
+    for step_dir in (tmp_path / "nan" / "checkpoints").iterdir():
+        assert step_dir.name.isdigit()  # whatever was saved was finite (TrainCheckpointer refuses others)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optimizer.learning_rate"], "path=value"),
+    (["optimizer.nope=1"], "no field 'nope' in OptimizerConfig"),
+    (["dtype=float16"], "dtype must be"),
+])
+def test_bad_overrides_are_one_line_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        get_config("synthetic_smoke", tuple(overrides))
+
+
+def test_unprepared_real_data_set_says_how_to_prepare(tmp_path, capsys):
+    code = train.main(["--config", "synthetic_smoke", "--workdir", str(tmp_path / "w"), "--data-dir",
+                       str(tmp_path / "empty"), "--compilation-cache", "", "--set", "data.dataset=sa1b"])
+    assert code == 2
+    assert "python -m experiments.prepare_data sa1b" in capsys.readouterr().err
+
+
+def test_every_process_input_state_is_gathered_for_the_checkpoint(tmp_path):
+    from device_workers import run_workers
+
+    results = run_workers(str(Path(__file__).parent / "gather_states_worker.py"), tmp_path, 2, 1)
+    expected = [{"process": p, "position": [3, 5 + p], "pad": "x" * (7 * p)} for p in range(2)]
+    for result in results:
+        assert json.loads(str(result["gathered"])) == expected
