@@ -104,11 +104,14 @@ def _differences(a: Any, b: Any, prefix: str = "") -> List[str]:
 def ensure_data(config: TrainConfig, data_dir: str):
     """The train and eval sources; the synthetic set is generated when missing."""
     dataset = config.data.dataset
+
+    def sources():
+        return (open_source(dataset, config.data.train_split, data_dir),
+                open_source(dataset, config.data.eval_split, data_dir))
+
     try:
-        return open_source(dataset, config.data.train_split, data_dir), open_source(
-            dataset, config.data.eval_split, data_dir
-        )
-    except (FileNotFoundError, ValueError, AssertionError) as err:
+        return sources()
+    except FileNotFoundError as err:
         if not dataset.startswith("sam_synthetic"):
             raise TrainingError(
                 f"data set {dataset!r} is not prepared under {data_dir} ({err}); prepare it with "
@@ -120,9 +123,7 @@ def ensure_data(config: TrainConfig, data_dir: str):
 
     print(f"preparing {dataset} in {data_dir} (once)", file=sys.stderr)
     tfds.builder(dataset, data_dir=data_dir).download_and_prepare()
-    return open_source(dataset, config.data.train_split, data_dir), open_source(
-        dataset, config.data.eval_split, data_dir
-    )
+    return sources()
 
 
 def build_model(config: TrainConfig) -> Sam:
@@ -213,14 +214,18 @@ def evaluate(config: TrainConfig, model: Sam, params, eval_source, progress: boo
     from tqdm import tqdm
 
     protocol = point_protocol.ProtocolConfig(num_clicks=config.eval_clicks, seed=config.seed)
-    preprocess = dataclasses.replace(
-        config.data.preprocess, max_masks=config.data.eval_max_masks, scale_range=None, horizontal_flip=False,
-        input_res_masks=True,
-    )
-    batches = evaluation_batches(eval_source, preprocess, config.data.eval_batch_size, config.data.eval_images)
+    batches = evaluation_batches(eval_source, config.data.eval_preprocess, config.data.eval_batch_size,
+                                 config.data.eval_images)
     total = min(config.data.eval_images, len(eval_source))
     with tqdm(total=total, desc="eval", unit="image", disable=not progress, leave=False, dynamic_ncols=True) as bar:
-        return point_protocol.evaluate(model, params, batches, protocol, progress=bar)
+        return point_protocol.evaluate(model, params, batches, protocol, progress=bar).summary()
+
+
+def eval_row(step: int, summary: Dict[str, Any]) -> Dict[str, Any]:
+    row = {"step": step}
+    row.update({f"eval/miou_{c}_clicks": v for c, v in summary["miou"].items()})
+    row.update({f"eval/oracle_miou_{c}_clicks": v for c, v in summary["oracle_miou"].items()})
+    return row
 
 
 def export_model(workdir: Path, params, config: TrainConfig, step: int) -> Path:
@@ -259,8 +264,7 @@ def train(config: TrainConfig, workdir: Path, data_dir: str, progress: bool = Tr
         prefetch_batches=config.data.prefetch_batches, preprocess=config.data.preprocess,
     )
     pipeline = InputPipeline(train_source, pipeline_config)
-    checkpointer = TrainCheckpointer(workdir, max_to_keep=config.keep_checkpoints,
-                                     save_interval_steps=config.checkpoint_every)
+    checkpointer = TrainCheckpointer(workdir, max_to_keep=config.keep_checkpoints)
     start_step = 0
     if checkpointer.latest_step() is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -276,7 +280,6 @@ def train(config: TrainConfig, workdir: Path, data_dir: str, progress: bool = Tr
     window_start = time.perf_counter()
     pending = None  # the previous step's metrics: read one step late so the host never stalls the device
     nonfinite_in_a_row = 0
-    eval_summary = None
     flops_per_step = None
     try:
         for step_number in range(start_step + 1, total + 1):
@@ -296,41 +299,40 @@ def train(config: TrainConfig, workdir: Path, data_dir: str, progress: bool = Tr
             window.append(metrics)
             if step_number % config.checkpoint_every == 0 or step_number == total:
                 checkpointer.save(step_number, state, gather_data_states(pipeline.get_state()),
-                                  {"step": step_number}, force=True)
+                                  {"step": step_number})
             if step_number % config.log_every == 0 or step_number == total:
                 row = summarize_window(window)
                 elapsed = time.perf_counter() - window_start
                 row["train/steps_per_s"] = len(window) / elapsed
                 row["train/images_per_s"] = len(window) * config.data.global_batch_size / elapsed
                 if flops_per_step:
+                    row["train/xla_gflops_per_step"] = flops_per_step / 1e9
                     row["train/gflops_per_s"] = flops_per_step * len(window) / elapsed / 1e9
                 row["step"] = step_number
                 metrics_log.write(row)
                 bar.set_postfix(loss=f"{row['train/total_loss']:.3f}", miou=f"{row['train/miou_iter_1']:.3f}"
                                 f"/{row[f'train/miou_iter_{config.interactive.num_iterations}']:.3f}")
                 window, window_start = [], time.perf_counter()
-            if (config.eval_every and step_number % config.eval_every == 0) or step_number == total:
-                result = evaluate(config, model, host_params(state.params), eval_source, progress)
-                eval_summary = result.summary()
-                row = {"step": step_number}
-                row.update({f"eval/miou_{c}_clicks": v for c, v in eval_summary["miou"].items()})
-                row.update({f"eval/oracle_miou_{c}_clicks": v for c, v in eval_summary["oracle_miou"].items()})
-                metrics_log.write(row)
+            if config.eval_every and step_number % config.eval_every == 0 and step_number < total:
+                metrics_log.write(eval_row(step_number, evaluate(config, model, host_params(state.params),
+                                                                 eval_source, progress)))
                 window_start = time.perf_counter()  # evaluation time is not training throughput
             bar.update(1)
         checkpointer.wait_until_finished()
+        # The final evaluation; a finished run restarted re-evaluates its restored params
+        # (the same figures) without logging them again.
+        params = host_params(state.params)
+        summary = evaluate(config, model, params, eval_source, progress)
+        if start_step < total:
+            metrics_log.write(eval_row(total, summary))
     finally:
         bar.close()
         pipeline.close()
         checkpointer.close()
         metrics_log.close()
 
-    params = host_params(state.params)
-    if eval_summary is None:  # the run was already complete: evaluate the restored params
-        eval_summary = evaluate(config, model, params, eval_source, progress).summary()
-    summary = {"config": "see config.json", "steps": total, "eval": eval_summary}
     if jax.process_index() == 0:
-        (workdir / "eval.json").write_text(json.dumps(eval_summary, indent=2) + "\n")
+        (workdir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
         export_model(workdir, params, config, total)
         training_report.write_curves(workdir / "curves.png", metrics_log.rows, config.interactive.num_iterations)
         training_report.write_samples(workdir, config, model, params, eval_source)
@@ -373,7 +375,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (TrainingError, ValueError, FileNotFoundError) as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(summary["eval"], indent=2))
+    print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -3,7 +3,6 @@ sample_prompts.json for `sam-jax segment`."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Dict, List
@@ -80,9 +79,7 @@ def write_samples(workdir: Path, config, model, params, eval_source) -> None:
     """samples.png (per held-out image: ground truth | 1 click | 5 clicks), the original images in
 samples/ and their first protocol clicks in sample_prompts.json (`sam-jax segment --prompts`)."""
     n = min(config.sample_images, len(eval_source))
-    preprocess = dataclasses.replace(config.data.preprocess, max_masks=config.data.eval_max_masks,
-                                     scale_range=None, horizontal_flip=False, input_res_masks=True)
-    batch = next(evaluation_batches(eval_source, preprocess, n, n))
+    batch = next(evaluation_batches(eval_source, config.data.eval_preprocess, n, n))
     protocol = point_protocol.ProtocolConfig(num_clicks=max(SAMPLE_CLICKS), seed=config.seed)
     result = point_protocol.evaluate_batch(model, params, batch, protocol, keep_clicks=SAMPLE_CLICKS)
     rows = []

@@ -20,12 +20,11 @@ import functools
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sam_jax.modeling import Sam, postprocess_masks
+from sam_jax.modeling import Sam, postprocess_masks, preprocess_padded
 from sam_jax.predictor import _bucket, as_rgb, check_prompts, prompt_counts, to_input_frame
 from sam_jax.transforms import ResizeLongestSide
 
@@ -33,24 +32,17 @@ DATA_AXIS = "data"
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _encode_batch(model: Sam, params, images: jax.Array, input_sizes: jax.Array) -> jax.Array:
+def encode_batch(model: Sam, params, images: jax.Array, input_sizes: jax.Array) -> jax.Array:
     """(B, S, S, 3) uint8 images zero-padded from (B, 2) input sizes -> (B, h, w, D)."""
-    cfg = model.config
-    s = cfg.image_size
-    x = (images.astype(jnp.float32) - jnp.asarray(cfg.pixel_mean, jnp.float32)) / jnp.asarray(
-        cfg.pixel_std, jnp.float32
-    )
-    rows = jnp.arange(s)[None, :, None] < input_sizes[:, 0, None, None]
-    cols = jnp.arange(s)[None, None, :] < input_sizes[:, 1, None, None]
-    x = jnp.where((rows & cols)[..., None], x, 0.0)  # `preprocess` pads after normalising
-    return model.apply({"params": params}, x, method=Sam.encode_image)
+    return model.apply({"params": params}, preprocess_padded(images, input_sizes, model.config),
+                       method=Sam.encode_image)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6))
-def _decode_batch(model: Sam, params, features, coords, labels, boxes, multimask_output: bool,
+def decode_batch(model: Sam, params, features, coords, labels, boxes, multimask_output: bool,
                   masks=None):
-    """Per image b: features (B, h, w, D), prompts (B, P, ...) -> low-res logits
-    (B, P, C, 4h, 4w) and IoU predictions (B, P, C)."""
+    """Per image b: features (B, h, w, D), prompts (B, P, ...) (boxes and masks may be
+    None) -> low-res logits (B, P, C, 4h, 4w) and IoU predictions (B, P, C)."""
 
     def one_image(f, c, l, b, m):
         return model.apply({"params": params}, f[None], c, l, b, m, multimask_output,
@@ -104,7 +96,7 @@ class SamBatchPredictor:
             batch[i, : x.shape[0], : x.shape[1]] = x
         input_sizes = np.zeros((batch.shape[0], 2), np.int32)
         input_sizes[: len(resized)] = [x.shape[:2] for x in resized]
-        self.features = _encode_batch(
+        self.features = encode_batch(
             self.model, self.params, self._shard(batch), self._shard(input_sizes)
         )
         self.original_sizes = [np.shape(image)[:2] for image in images]
@@ -162,7 +154,7 @@ class SamBatchPredictor:
             x[: len(padded)] = [p[k] for p in padded]
             stacked.append(self._shard(x))
         coords, labels, boxes, masks = stacked
-        low_res, iou = _decode_batch(
+        low_res, iou = decode_batch(
             self.model, self.params, self.features, coords, labels, boxes,
             bool(multimask_output), masks,
         )

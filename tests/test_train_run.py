@@ -158,8 +158,13 @@ def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, data_dir, cache_dir):
                              "optimizer.warmup_steps=0", "optimizer.total_steps=12", "max_nonfinite_in_a_row=3")
     assert code == 2
     assert "3 steps in a row" in err and "non-finite" in err
-    for step_dir in (tmp_path / "nan" / "checkpoints").iterdir():
-        assert step_dir.name.isdigit()  # whatever was saved was finite (TrainCheckpointer refuses others)
+    assert f"The last finite checkpoint is in {tmp_path / 'nan' / 'checkpoints'}" in err
+    import jax
+    import orbax.checkpoint as ocp
+
+    for step_dir in (tmp_path / "nan" / "checkpoints").iterdir():  # whatever was saved is finite
+        leaves = jax.tree.leaves(ocp.StandardCheckpointer().restore(step_dir / "state"))
+        assert all(np.isfinite(x).all() for x in leaves if np.issubdtype(np.asarray(x).dtype, np.floating))
 
 
 @pytest.mark.parametrize("overrides, message", [

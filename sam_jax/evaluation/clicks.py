@@ -4,9 +4,9 @@ The first click is the pixel farthest from the object's boundary. Each later
 click is the pixel farthest from the boundary of the larger error region of
 the current prediction: the false negatives (a foreground click) or the false
 positives (a background click), whichever holds the pixel farther from its
-boundary (ties: background, as RITM's `fn_max_dist > fp_max_dist`). Distances are exact Euclidean with the image
-border counted as boundary; ties between pixels go to the first in row-major
-order. With an empty prediction the next click is the first click.
+boundary (ties: background, as RITM's `fn_max_dist > fp_max_dist`).
+Distances are exact Euclidean with the image border counted as boundary;
+ties between pixels go to the first in row-major order. With an empty prediction the next click is the first click.
 """
 
 from typing import NamedTuple

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_jax.evaluation.clicks import next_click
-from sam_jax.modeling import Sam, preprocess_padded
+from sam_jax.batch_predictor import decode_batch, encode_batch
+from sam_jax.modeling import Sam
 from sam_jax.modeling.prompt_encoder import FOREGROUND, PADDING
 from sam_jax.training.losses import upsample_logits
 
@@ -83,11 +84,6 @@ class ProtocolResult:
         }
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _encode(model: Sam, params, images, image_hw):
-    return model.apply({"params": params}, preprocess_padded(images, image_hw, model.config), method=Sam.encode_image)
-
-
 # predict(coords (B, M, n, 2), labels (B, M, n), mask_inputs (B, M, 1, L, L) | None, multimask)
 #   -> masks (B, M, C, T, T) bool, scores (B, M, C) predicted IoU, low-res logits (B, M, C, L, L)
 PredictFn = Callable[[np.ndarray, np.ndarray, Optional[jax.Array], bool], Tuple[jax.Array, jax.Array, jax.Array]]
@@ -98,14 +94,7 @@ def _predict(model: Sam, params, embeddings, coords, labels, mask_inputs, image_
     """PredictFn of a model on embeddings (B, h, w, D); image_hw (B, 2) is the
     valid size in the T x T frame, outside which masks are False."""
     t = model.config.image_size
-
-    def one_image(embedding, c, l, mi):
-        return model.apply({"params": params}, embedding[None], c, l, None, mi, multimask, method=Sam.decode)
-
-    if mask_inputs is None:
-        low_res, iou = jax.vmap(lambda e, c, l: one_image(e, c, l, None))(embeddings, coords, labels)
-    else:
-        low_res, iou = jax.vmap(one_image)(embeddings, coords, labels, mask_inputs)
+    low_res, iou = decode_batch(model, params, embeddings, coords, labels, None, multimask, mask_inputs)
     b, m, c = iou.shape
     rows = jnp.arange(t)[None, :, None] < image_hw[:, 0, None, None]
     cols = jnp.arange(t)[None, None, :] < image_hw[:, 1, None, None]
@@ -176,7 +165,7 @@ def evaluate_batch(model: Sam, params, batch: Dict[str, np.ndarray], config: Pro
     """The protocol with a model on one batch of preprocessed examples (numpy, masks
     unpacked: (B, M, T, T) bool); the image is encoded once, each click decodes every mask."""
     image_hw = jnp.asarray(batch["image_size"])
-    embeddings = _encode(model, params, jnp.asarray(batch["image"]), image_hw)
+    embeddings = encode_batch(model, params, jnp.asarray(batch["image"]), image_hw)
 
     def predict(coords, labels, mask_inputs, multimask):
         return _predict(model, params, embeddings, jnp.asarray(coords), jnp.asarray(labels), mask_inputs,
