@@ -334,7 +334,7 @@ def train(config: TrainConfig, workdir: Path, data_dir: str, progress: bool = Tr
     if jax.process_index() == 0:
         (workdir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
         export_model(workdir, params, config, total)
-        training_report.write_curves(workdir / "curves.png", metrics_log.rows, config.interactive.num_iterations)
+        training_report.write_curves(workdir / "curves.png", metrics_log.rows, config.interactive)
         training_report.write_samples(workdir, config, model, params, eval_source)
     return summary
 

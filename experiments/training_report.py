@@ -12,11 +12,12 @@ from PIL import Image
 
 from sam_jax.data.pipeline import evaluation_batches
 from sam_jax.evaluation import point_protocol
+from sam_jax.training.interactive import InteractiveConfig
 
 SAMPLE_CLICKS = (1, 5)
 
 
-def write_curves(path: Path, rows: List[Dict[str, Any]], num_iterations: int) -> None:
+def write_curves(path: Path, rows: List[Dict[str, Any]], interactive: InteractiveConfig) -> None:
     """Loss, training mIoU (first and last interactive iteration), learning rate and held-out mIoU."""
     import matplotlib
 
@@ -27,12 +28,14 @@ def write_curves(path: Path, rows: List[Dict[str, Any]], num_iterations: int) ->
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     steps = [r["step"] for r in train]
-    axes[0].plot(steps, [r["train/total_loss"] for r in train], label="total (11 iterations)")
-    axes[0].plot(steps, [r["train/focal"] * 20 + r["train/dice"] for r in train], label="20 focal + dice")
+    n = interactive.num_iterations
+    axes[0].plot(steps, [r["train/total_loss"] for r in train], label=f"total ({n} iteration{'s' * (n > 1)})")
+    axes[0].plot(steps, [r["train/focal"] * interactive.focal_weight + r["train/dice"] * interactive.dice_weight
+                         for r in train], label=f"{interactive.focal_weight:g} focal + {interactive.dice_weight:g} dice")
     axes[0].plot(steps, [r["train/iou_loss"] for r in train], label="IoU head")
     axes[0].set_yscale("log")
     axes[0].set_title("training loss")
-    for k in sorted({1, 2, num_iterations}):
+    for k in sorted({1, min(2, n), n}):
         axes[1].plot(steps, [r[f"train/miou_iter_{k}"] for r in train], label=f"iteration {k}")
     axes[1].set_title("training mIoU (low res)")
     axes[2].plot(steps, [r["train/learning_rate"] for r in train])

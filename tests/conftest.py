@@ -50,6 +50,18 @@ def tiny():
     return make_official("vit_tiny")
 
 
+@pytest.fixture(scope="session")
+def synthetic_data_dir(tmp_path_factory) -> str:
+    """A data dir with sam_synthetic/small (48 + 16 images) prepared, once per session."""
+    import tensorflow_datasets as tfds
+
+    from sam_jax.data import builders  # noqa: F401  registers the builders
+
+    path = tmp_path_factory.mktemp("tfds")
+    tfds.builder("sam_synthetic/small", data_dir=str(path)).download_and_prepare()
+    return str(path)
+
+
 def with_depth(config: SamConfig, depth: int) -> SamConfig:
     """`config` at full width with fewer blocks: windowed blocks, the last one global."""
     encoder = dataclasses.replace(config.encoder, depth=depth, global_attn_indexes=(depth - 1,))

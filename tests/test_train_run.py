@@ -22,24 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    import tensorflow_datasets as tfds
-
-    from sam_jax.data import builders  # noqa: F401
-
-    path = tmp_path_factory.mktemp("tfds")
-    tfds.builder("sam_synthetic/small", data_dir=str(path)).download_and_prepare()
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("jax_cache"))
 
 
-def run_train(workdir, data_dir, cache_dir, *overrides, wait=True):
+def run_train(workdir, synthetic_data_dir, cache_dir, *overrides, wait=True):
     command = [sys.executable, "-m", "experiments.train", "--config", "synthetic_smoke", "--workdir", str(workdir),
-               "--data-dir", data_dir, "--compilation-cache", cache_dir, "--no-progress"]
+               "--data-dir", synthetic_data_dir, "--compilation-cache", cache_dir, "--no-progress"]
     for override in overrides:
         command += ["--set", override]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -54,9 +43,9 @@ def params_of(directory):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, data_dir, cache_dir):
+def finished_run(tmp_path_factory, synthetic_data_dir, cache_dir):
     workdir = tmp_path_factory.mktemp("run") / "smoke"
-    code, out, err = run_train(workdir, data_dir, cache_dir, "optimizer.total_steps=8")
+    code, out, err = run_train(workdir, synthetic_data_dir, cache_dir, "optimizer.total_steps=8")
     assert code == 0, err
     return workdir, out
 
@@ -109,20 +98,20 @@ def test_sam_jax_segment_runs_on_the_exported_model(finished_run, tmp_path):
             assert result["prompt"]["point_coords"] == prompts[name]["point_coords"]
 
 
-def test_a_finished_run_restarted_does_not_train_again(finished_run, data_dir, cache_dir):
+def test_a_finished_run_restarted_does_not_train_again(finished_run, synthetic_data_dir, cache_dir):
     workdir, out = finished_run
     before = (workdir / "metrics.jsonl").read_text()
-    code, out2, err = run_train(workdir, data_dir, cache_dir, "optimizer.total_steps=8")
+    code, out2, err = run_train(workdir, synthetic_data_dir, cache_dir, "optimizer.total_steps=8")
     assert code == 0, err
     assert "resumed from the checkpoint of step 8" in err
     assert json.loads(out2) == json.loads(out)
     assert (workdir / "metrics.jsonl").read_text() == before
 
 
-def test_sigkill_and_restart_reach_bit_identical_params(finished_run, tmp_path, data_dir, cache_dir):
+def test_sigkill_and_restart_reach_bit_identical_params(finished_run, tmp_path, synthetic_data_dir, cache_dir):
     reference, _ = finished_run
     workdir = tmp_path / "killed"
-    process = run_train(workdir, data_dir, cache_dir, "optimizer.total_steps=8", wait=False)
+    process = run_train(workdir, synthetic_data_dir, cache_dir, "optimizer.total_steps=8", wait=False)
     checkpoint = workdir / "checkpoints" / "4"
     deadline = time.monotonic() + 600
     while not (checkpoint / "_CHECKPOINT_METADATA").exists() and process.poll() is None:
@@ -133,7 +122,7 @@ def test_sigkill_and_restart_reach_bit_identical_params(finished_run, tmp_path, 
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (workdir / "model").exists()
 
-    code, _, err = run_train(workdir, data_dir, cache_dir, "optimizer.total_steps=8")
+    code, _, err = run_train(workdir, synthetic_data_dir, cache_dir, "optimizer.total_steps=8")
     assert code == 0, err
     assert "resumed from the checkpoint of step" in err
     expected, got = params_of(reference / "model"), params_of(workdir / "model")
@@ -144,17 +133,17 @@ def test_sigkill_and_restart_reach_bit_identical_params(finished_run, tmp_path, 
     assert steps == [2, 4, 6, 8, 8]  # rows past the restored step were dropped, none repeated
 
 
-def test_a_changed_config_on_resume_is_refused(finished_run, data_dir, cache_dir, capsys):
+def test_a_changed_config_on_resume_is_refused(finished_run, synthetic_data_dir, cache_dir, capsys):
     workdir, _ = finished_run
-    code = train.main(["--config", "synthetic_smoke", "--workdir", str(workdir), "--data-dir", data_dir,
+    code = train.main(["--config", "synthetic_smoke", "--workdir", str(workdir), "--data-dir", synthetic_data_dir,
                        "--compilation-cache", cache_dir, "--set", "optimizer.total_steps=8",
                        "--set", "optimizer.learning_rate=0.5"])
     assert code == 2
     assert "another config (changed: optimizer.learning_rate)" in capsys.readouterr().err
 
 
-def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, data_dir, cache_dir):
-    code, _, err = run_train(tmp_path / "nan", data_dir, cache_dir, "optimizer.learning_rate=1e30",
+def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, synthetic_data_dir, cache_dir):
+    code, _, err = run_train(tmp_path / "nan", synthetic_data_dir, cache_dir, "optimizer.learning_rate=1e30",
                              "optimizer.warmup_steps=0", "optimizer.total_steps=12", "max_nonfinite_in_a_row=3")
     assert code == 2
     assert "3 steps in a row" in err and "non-finite" in err
@@ -191,3 +180,18 @@ def test_every_process_input_state_is_gathered_for_the_checkpoint(tmp_path):
     expected = [{"process": p, "position": [3, 5 + p], "pad": "x" * (7 * p)} for p in range(2)]
     for result in results:
         assert json.loads(str(result["gathered"])) == expected
+
+
+@pytest.mark.parametrize("num_correction_points, num_mask_only", [(0, 0), (8, 2)])
+def test_curves_are_drawn_for_any_number_of_iterations(tmp_path, num_correction_points, num_mask_only):
+    from experiments import training_report
+    from sam_jax.training.interactive import InteractiveConfig
+
+    interactive = InteractiveConfig(num_correction_points=num_correction_points, num_mask_only=num_mask_only)
+    parts = {"train/total_loss": 2.0, "train/focal": 0.05, "train/dice": 0.5, "train/iou_loss": 0.1,
+             "train/learning_rate": 1e-3}
+    rows = [dict(parts, step=s, **{f"train/miou_iter_{k}": 0.1 * k for k in range(1, interactive.num_iterations + 1)})
+            for s in (10, 20)]
+    rows.append({"step": 20, "eval/miou_1_clicks": 0.2, "eval/miou_3_clicks": 0.3})
+    training_report.write_curves(tmp_path / "curves.png", rows, interactive)
+    assert (tmp_path / "curves.png").stat().st_size > 1000

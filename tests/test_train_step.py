@@ -66,9 +66,14 @@ def make_batch(seed: int, b: int = GLOBAL_BATCH, t: int = 128, low: int = 32):
 
 
 @pytest.fixture(scope="module")
-def one_device():
-    model, optimizer, interactive, state = setup()
-    step = jax.jit(make_train_step(model, optimizer, interactive))
+def jitted_step():
+    model, optimizer, interactive, _ = setup()
+    return jax.jit(make_train_step(model, optimizer, interactive))
+
+
+@pytest.fixture(scope="module")
+def one_device(jitted_step):
+    state, step = setup()[3], jitted_step
     losses, metrics = [], None
     for seed in range(2):
         state, metrics = step(state, make_batch(seed))
@@ -84,9 +89,18 @@ def test_step_updates_params_and_reports_metrics(one_device):
     assert float(metrics["grad_norm"]) > 0 and not bool(metrics["skipped"])
 
 
-def test_nonfinite_batch_skips_the_update_and_counts():
-    model, optimizer, interactive, state = setup()
-    step = jax.jit(make_train_step(model, optimizer, interactive))
+def test_padded_images_from_scratch_give_moderate_gradients(jitted_step):
+    """Zero padding of a freshly initialised model: with a zero pos_embed every padding token
+    was one vector, LayerNorm saw zero variance and the gradient norm reached ~1e8."""
+    batch = make_batch(0)
+    batch["image"][:, 64:] = 0
+    batch["image_size"][:] = (64, 128)  # the bottom half is padding
+    _, metrics = jitted_step(setup()[3], batch)
+    assert float(metrics["grad_norm"]) < 1e3
+
+
+def test_nonfinite_batch_skips_the_update_and_counts(jitted_step):
+    state, step = setup()[3], jitted_step
     bad = make_batch(0)
     bad["boxes"][0, 0, 0] = np.nan  # a NaN box prompt poisons the loss
     bad["boxes"][:, :, :] = np.nan

@@ -9,25 +9,38 @@ confident one, the oracle the best of three against the ground truth); later
 predictions, with several points, use the single-mask output as the official
 predictor recommends (and as SAM is trained), so default and oracle agree there.
 
-The work runs in the preprocessed input frame of `sam_jax.data.preprocess`
-(longest side T, zero padded): masks are compared at T x T inside the
-image's valid region, and clicks are pixel indices of that frame. Encoding,
-decoding, upsampling and IoU run jitted on the device for a whole batch
-(B images x M masks); only the click placement (an exact distance transform
-around each error region) runs on the host.
+Two frames, one protocol (`run_protocol`):
+
+- `evaluate_images`: each image at its original resolution through a
+  `SamBatchPredictor` (clicks are pixels of the image, masks are compared at
+  H x W), as the paper measures and as the official predictor is driven. The
+  `experiments.eval` command uses it.
+- `evaluate` / `evaluate_batch`: the preprocessed input frame of
+  `sam_jax.data.preprocess` (longest side T, zero padded; masks compared at
+  T x T inside the image's valid region), entirely on device batches; the
+  training run's periodic held-out evaluation uses it.
+
+Images of a batch are zero-padded to one size; that changes nothing, since
+padding is outside both masks (no IoU change) and counts as boundary for the
+distance transforms, as the image border does. Encoding, decoding,
+upsampling and IoU run jitted for a whole batch (B images x M masks); only
+the click placement (an exact distance transform around each error region)
+runs on the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+import itertools
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sam_jax.evaluation.clicks import next_click
+from sam_jax.evaluation.instances import Instances
 from sam_jax.batch_predictor import decode_batch, encode_batch
 from sam_jax.modeling import Sam
 from sam_jax.modeling.prompt_encoder import FOREGROUND, PADDING
@@ -186,3 +199,65 @@ def evaluate(model: Sam, params, batches: Iterable[Dict[str, np.ndarray]], confi
     if not parts:
         raise ValueError("no examples to evaluate")
     return ProtocolResult(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("iou", "oracle_iou", "image_ids")))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def evaluate_images(predictor, instances: Iterable[Instances], config: ProtocolConfig, batch_images: int = 4,
+                    progress: Optional[Any] = None) -> ProtocolResult:
+    """The protocol at each image's original resolution, `batch_images` images per encoder
+    call. `predictor`: a `SamBatchPredictor` (or anything with its `set_images` /
+    `predict_batch`). Crowd regions are not prompted; images without a mask are skipped."""
+    if batch_images < 1:
+        raise ValueError(f"batch_images must be >= 1, got {batch_images}")
+    parts = []
+    examples = iter(instances)
+    while group := list(itertools.islice(examples, batch_images)):
+        prompted = [x for x in group if (~x.iscrowd).any()]
+        if prompted:
+            parts.append(_evaluate_group(predictor, prompted, config))
+        if progress is not None:
+            progress.update(len(group))
+    if not parts:
+        raise ValueError("no images with masks to evaluate")
+    return ProtocolResult(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("iou", "oracle_iou", "image_ids")))
+
+
+def _evaluate_group(predictor, group: Sequence[Instances], config: ProtocolConfig) -> ProtocolResult:
+    # Sizes are rounded up so that groups share the jitted scoring's shapes.
+    h = _round_up(max(x.size[0] for x in group), 64)
+    w = _round_up(max(x.size[1] for x in group), 64)
+    counts = [int((~x.iscrowd).sum()) for x in group]
+    m = 1 << (max(counts) - 1).bit_length()
+    targets = np.zeros((len(group), m, h, w), bool)
+    valid = np.zeros((len(group), m), bool)
+    for i, x in enumerate(group):
+        hi, wi = x.size
+        targets[i, : counts[i], :hi, :wi] = x.masks[~x.iscrowd]
+        valid[i, : counts[i]] = True
+    predictor.set_images([x.image for x in group])
+
+    def predict(coords, labels, mask_inputs, multimask):
+        k = int(np.max(np.nonzero((labels != PADDING).any(axis=(0, 1)))[0])) + 1  # click slots used so far
+        mask_inputs = None if mask_inputs is None else np.asarray(mask_inputs)
+        prompts = [
+            {"point_coords": coords[i, :n, :k], "point_labels": labels[i, :n, :k]}
+            | ({} if mask_inputs is None else {"mask_input": mask_inputs[i, :n]})
+            for i, n in enumerate(counts)
+        ]
+        outputs = predictor.predict_batch(prompts, multimask_output=multimask)
+        c = outputs[0][1].shape[1]
+        low = outputs[0][2].shape[-2:]
+        masks = np.zeros((len(group), m, c, h, w), bool)
+        scores = np.zeros((len(group), m, c), np.float32)
+        low_res = np.zeros((len(group), m, c) + low, np.float32)
+        for i, (masks_i, scores_i, low_res_i) in enumerate(outputs):
+            n, _, hi, wi = masks_i.shape
+            masks[i, :n, :, :hi, :wi] = masks_i
+            scores[i, :n] = scores_i
+            low_res[i, :n] = low_res_i
+        return masks, scores, low_res
+
+    return run_protocol(predict, targets, valid, np.array([x.image_id for x in group]), config)

@@ -277,8 +277,13 @@ class ImageEncoderViT(nn.Module):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.patch_embed = PatchEmbed(cfg.embed_dim, cfg.patch_size, **kw)
+        # The official model starts from zeros (it loads MAE weights). Trained from scratch,
+        # zeros make every padding token the same vector (bias + 0): LayerNorm of a
+        # zero-variance input has gradients of 1 / sqrt(eps) = 1e3 per block, ~1e9 at the
+        # patch embedding, and global-norm clipping then stalls every other parameter.
+        # ViT's truncated normal (std 0.02) gives each position its own vector.
         self.pos_embed = self.param(
-            "pos_embed", nn.initializers.zeros,
+            "pos_embed", nn.initializers.truncated_normal(stddev=0.02),
             (1, cfg.grid_size, cfg.grid_size, cfg.embed_dim), self.param_dtype,
         )
         if self.remat_policy is not None and self.remat_policy not in REMAT_POLICIES:

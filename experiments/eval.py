@@ -1,0 +1,196 @@
+"""Evaluates a converted or trained checkpoint with the SAM paper's protocols.
+
+    python -m experiments.eval --checkpoint workdir/synthetic_cpu/model      # sam_synthetic/cpu validation
+    python -m experiments.eval --checkpoint /ckpt/sam_vit_b --dataset coco_instances \\
+        --boxes detections.json                                              # boxes from a detector
+
+Point protocol (`sam_jax.evaluation.point_protocol`): per ground-truth mask, the
+first click at the mask's distance-transform maximum (`--first-click random`:
+uniform over the mask), each later click at the larger error region's maximum,
+labelled by error type, previous logits fed back; mIoU after 1, 2, 3, 5 and 9
+clicks of the most confident mask and of the oracle (best of three).
+
+Box protocol (`sam_jax.evaluation.box_prompts`): every ground-truth box
+(`--boxes gt`) or detection (`--boxes FILE`, COCO results JSON) prompts one
+mask; COCO mask AP through pycocotools.
+
+Both run at each image's original resolution, `--batch-images` images per
+jitted encoder call, data-parallel over all local devices. Writes to
+`--output` (default: `<checkpoint>/../eval/<dataset>-<split>`):
+
+    results.json        every figure, the settings, and the time taken
+    results.md          the same as Markdown tables
+    miou_vs_clicks.png  mIoU after each click (most confident and oracle)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from experiments.prepare_data import DEFAULT_DATA_DIR
+from sam_jax.errors import CheckpointError
+from sam_jax.evaluation.point_protocol import FIRST_CLICKS, REPORTED_CLICKS, ProtocolConfig
+
+PROTOCOLS = ("points", "boxes")
+
+
+def evaluate_checkpoint(checkpoint: str, dataset: str, split: str = "validation", data_dir: Optional[str] = None,
+                        num_images: Optional[int] = None, protocols: Sequence[str] = PROTOCOLS,
+                        point_config: ProtocolConfig = ProtocolConfig(), boxes: str = "gt",
+                        batch_images: int = 8, progress: bool = True) -> Dict[str, Any]:
+    """Runs the chosen protocols; returns the results.json content."""
+    from tqdm import tqdm
+
+    from sam_jax.batch_predictor import SamBatchPredictor
+    from sam_jax.checkpoint import load_sam
+    from sam_jax.data.pipeline import open_source
+    from sam_jax.evaluation import box_prompts, point_protocol
+    from sam_jax.evaluation.instances import read_instances
+
+    unknown = set(protocols) - set(PROTOCOLS)
+    if unknown or not protocols:
+        raise ValueError(f"protocols must be a non-empty subset of {PROTOCOLS}, got {list(protocols)}")
+    if num_images is not None and num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {num_images}")
+    model, params = load_sam(checkpoint)
+    predictor = SamBatchPredictor(model, params)
+    source = open_source(dataset, split, data_dir)
+    total = len(source) if num_images is None else min(num_images, len(source))
+
+    def instances():
+        for i in range(total):
+            try:
+                yield read_instances(source[i])
+            except ValueError as e:
+                raise ValueError(f"{dataset} {split} record {i}: {e}") from None
+
+    results: Dict[str, Any] = {
+        "checkpoint": str(checkpoint), "model": model.config.name, "dataset": dataset, "split": split,
+        "num_images": total, "batch_images": batch_images,
+    }
+    if "points" in protocols:
+        start = time.perf_counter()
+        with tqdm(total=total, desc="point protocol", unit="image", disable=not progress) as bar:
+            points = point_protocol.evaluate_images(predictor, instances(), point_config, batch_images, bar)
+        results["points"] = {
+            "num_clicks": point_config.num_clicks, "first_click": point_config.first_click,
+            "seed": point_config.seed, **points.summary(),
+            "oracle_miou_per_click": [float(v) for v in points.miou(oracle=True)],
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+    if "boxes" in protocols:
+        start = time.perf_counter()
+        detections = None if boxes == "gt" else box_prompts.read_detections(boxes)
+        evaluated = []
+        with tqdm(total=total, desc="box protocol", unit="image", disable=not progress) as bar:
+            box_result = box_prompts.evaluate_boxes(
+                predictor, (evaluated.append(x.image_id) or x for x in instances()), detections, batch_images, bar)
+        results["boxes"] = {**box_result.summary(), "seconds": round(time.perf_counter() - start, 1)}
+        if detections is not None:  # e.g. a detector's file for the whole split, --num-images a part of it
+            results["boxes"]["detection_images_not_evaluated"] = len(set(detections) - set(evaluated))
+    return results
+
+
+def markdown(results: Dict[str, Any]) -> str:
+    """results.json as Markdown tables."""
+    lines = [f"# {results['model']} on {results['dataset']} {results['split']} ({results['num_images']} images)", ""]
+    points = results.get("points")
+    if points:
+        clicks = list(points["miou"])
+        lines += [
+            f"Point protocol: {points['num_masks']} masks, first click {points['first_click']}.", "",
+            "| clicks | " + " | ".join(clicks) + " |",
+            "|---|" + "---|" * len(clicks),
+            "| mIoU, most confident | " + " | ".join(f"{points['miou'][c]:.3f}" for c in clicks) + " |",
+            "| mIoU, oracle | " + " | ".join(f"{points['oracle_miou'][c]:.3f}" for c in clicks) + " |", "",
+        ]
+    boxes = results.get("boxes")
+    if boxes:
+        names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+        lines += [
+            f"Box protocol: {boxes['num_boxes']} boxes from {boxes['box_source'].replace('_', ' ')}, COCO mask AP.", "",
+            "| " + " | ".join(names) + " |",
+            "|" + "---|" * len(names),
+            "| " + " | ".join(f"{boxes['mask_ap'][n]:.3f}" for n in names) + " |", "",
+        ]
+    return "\n".join(lines)
+
+
+def plot_miou_vs_clicks(path: Path, curves: Dict[str, Dict[str, Any]], title: str) -> None:
+    """One line per {label: results["points"]}: most confident (solid) and oracle (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in curves.items():
+        clicks = list(range(1, len(points["miou_per_click"]) + 1))
+        line, = ax.plot(clicks, points["miou_per_click"], marker="o", label=label)
+        ax.plot(clicks, points["oracle_miou_per_click"], linestyle="--", color=line.get_color(), alpha=0.6,
+                label=f"{label}, oracle")
+    ax.set_xlabel("clicks")
+    ax.set_ylabel("mIoU")
+    ax.set_ylim(0, 1)
+    ax.set_xticks([c for c in REPORTED_CLICKS if c <= max(len(p["miou_per_click"]) for p in curves.values())])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_results(output: Path, results: Dict[str, Any]) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (output / "results.md").write_text(markdown(results))
+    if "points" in results:
+        plot_miou_vs_clicks(output / "miou_vs_clicks.png", {results["model"]: results["points"]},
+                            f"{results['dataset']} {results['split']}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a converted or trained checkpoint folder")
+    parser.add_argument("--dataset", default="sam_synthetic/cpu", help="a prepared data set (name[/config] or folder)")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"prepared data sets (default {DEFAULT_DATA_DIR})")
+    parser.add_argument("--num-images", type=int, help="the first N images of the split (default all)")
+    parser.add_argument("--protocols", default="points,boxes", help="comma-separated subset of points,boxes")
+    parser.add_argument("--clicks", type=int, default=9, help="clicks per mask (default 9)")
+    parser.add_argument("--first-click", choices=FIRST_CLICKS, default="center")
+    parser.add_argument("--seed", type=int, default=0, help="for --first-click random")
+    parser.add_argument("--boxes", default="gt",
+                        help="'gt' (ground-truth boxes) or a COCO results JSON of detections; detections of "
+                             "images not evaluated are ignored (and counted)")
+    parser.add_argument("--batch-images", type=int, default=8, help="images per encoder call (default 8)")
+    parser.add_argument("--output", help="default: <checkpoint>/../eval/<dataset>-<split>")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        point_config = ProtocolConfig(num_clicks=args.clicks, first_click=args.first_click, seed=args.seed)
+        results = evaluate_checkpoint(
+            args.checkpoint, args.dataset, args.split, args.data_dir, args.num_images,
+            [p for p in args.protocols.split(",") if p], point_config, args.boxes, args.batch_images,
+            not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        print(f"eval: error: {err}", file=sys.stderr)
+        return 2
+    output = Path(args.output or Path(args.checkpoint).resolve().parent / "eval" /
+                  f"{args.dataset.strip('/').replace('/', '_')}-{args.split}")
+    write_results(output, results)
+    print(markdown(results))
+    written = ["results.json", "results.md"] + ["miou_vs_clicks.png"] * ("points" in results)
+    print(f"wrote {', '.join(str(output / name) for name in written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

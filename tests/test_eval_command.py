@@ -1,0 +1,85 @@
+"""`experiments.eval` end to end on sam_synthetic/small with a random vit_tiny checkpoint, its
+refused inputs, and the ablation's table and variants."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import ablation
+from experiments import eval as evaluation
+from experiments.train_configs import get_config
+from sam_jax import Sam, save_params
+from sam_jax.batch_predictor import SamBatchPredictor
+from sam_jax.data.pipeline import open_source
+from sam_jax.evaluation.instances import read_instances
+from sam_jax.evaluation.point_protocol import ProtocolConfig, evaluate_images
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny, tmp_path_factory):
+    config, _, params = tiny
+    return str(save_params(tmp_path_factory.mktemp("ckpt") / "vit_tiny", params, config, source="test"))
+
+
+def run_eval(checkpoint, data_dir, output, *extra):
+    return evaluation.main(["--checkpoint", checkpoint, "--dataset", "sam_synthetic/small", "--data-dir", data_dir,
+                            "--output", str(output), "--no-progress", *extra])
+
+
+def test_eval_writes_json_markdown_and_plot_with_the_protocols_figures(tiny, checkpoint, synthetic_data_dir, tmp_path):
+    assert run_eval(checkpoint, synthetic_data_dir, tmp_path, "--num-images", "3", "--clicks", "5",
+                    "--batch-images", "2") == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["model"] == "vit_tiny" and results["num_images"] == 3
+    points, boxes = results["points"], results["boxes"]
+    assert list(points["miou"]) == ["1", "2", "3", "5"] and len(points["miou_per_click"]) == 5
+    source = open_source("sam_synthetic/small", "validation", synthetic_data_dir)
+    instances = [read_instances(source[i]) for i in range(3)]
+    config, _, params = tiny
+    direct = evaluate_images(SamBatchPredictor(Sam(config), params), instances, ProtocolConfig(num_clicks=5))
+    np.testing.assert_allclose(points["miou_per_click"], direct.miou(), atol=1e-6)
+    assert points["num_masks"] == sum(len(x.masks) for x in instances)
+    assert boxes["num_boxes"] == points["num_masks"] and boxes["box_source"] == "ground_truth"
+    assert all(-1.0 <= v <= 1.0 for v in boxes["mask_ap"].values())
+    table = (tmp_path / "results.md").read_text()
+    assert f"| mIoU, most confident | {points['miou']['1']:.3f}" in table and "| AP | AP50 |" in table
+    assert (tmp_path / "miou_vs_clicks.png").stat().st_size > 1000
+
+
+def test_random_first_clicks_are_an_option(checkpoint, synthetic_data_dir, tmp_path):
+    assert run_eval(checkpoint, synthetic_data_dir, tmp_path, "--num-images", "2", "--clicks", "1",
+                    "--protocols", "points", "--first-click", "random", "--seed", "4") == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["points"]["first_click"] == "random" and results["points"]["seed"] == 4
+    assert "boxes" not in results
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--protocols", "masks"), "protocols must be"),
+    (("--num-images", "0"), "--num-images must be >= 1"),
+    (("--clicks", "0"), "num_clicks must be"),
+    (("--split", "test"), "has splits"),
+    (("--boxes", "/nonexistent/detections.json"), "/nonexistent/detections.json"),
+])
+def test_bad_arguments_are_one_line_errors(checkpoint, synthetic_data_dir, tmp_path, capsys, extra, message):
+    assert run_eval(checkpoint, synthetic_data_dir, tmp_path / "out", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("eval: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_a_missing_checkpoint_or_unprepared_data_set_is_named(checkpoint, tmp_path, capsys):
+    assert run_eval(str(tmp_path / "none"), str(tmp_path), tmp_path / "out") == 2
+    assert str(tmp_path / "none") in capsys.readouterr().err
+    assert run_eval(checkpoint, str(tmp_path), tmp_path / "out") == 2
+    assert "prepare_data" in capsys.readouterr().err
+
+
+def test_ablation_variants_and_table():
+    iterations = {name: get_config(ablation.BASE_CONFIG, overrides).interactive.num_iterations
+                  for name, overrides in ablation.VARIANTS.items()}
+    assert iterations == {"interactive": 11, "single_prompt": 1, "no_mask_only": 9}
+    points = {"miou": {"1": 0.5, "3": 0.61, "5": 0.7, "9": 0.755}}
+    table = ablation.table({"interactive": {"iterations": 11, "points": points}})
+    assert table.splitlines()[2] == "| interactive | 11 | 0.500 | 0.610 | 0.700 | 0.755 |"
