@@ -57,6 +57,8 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, split: str = "validation"
         raise ValueError(f"protocols must be a non-empty subset of {PROTOCOLS}, got {list(protocols)}")
     if num_images is not None and num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
+    # Read before any work, so that a bad file fails at once.
+    detections = None if "boxes" not in protocols or boxes == "gt" else box_prompts.read_detections(boxes)
     model, params = load_sam(checkpoint)
     predictor = SamBatchPredictor(model, params)
     source = open_source(dataset, split, data_dir)
@@ -85,7 +87,6 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, split: str = "validation"
         }
     if "boxes" in protocols:
         start = time.perf_counter()
-        detections = None if boxes == "gt" else box_prompts.read_detections(boxes)
         evaluated = []
         with tqdm(total=total, desc="box protocol", unit="image", disable=not progress) as bar:
             box_result = box_prompts.evaluate_boxes(

@@ -83,3 +83,19 @@ def test_ablation_variants_and_table():
     points = {"miou": {"1": 0.5, "3": 0.61, "5": 0.7, "9": 0.755}}
     table = ablation.table({"interactive": {"iterations": 11, "points": points}})
     assert table.splitlines()[2] == "| interactive | 11 | 0.500 | 0.610 | 0.700 | 0.755 |"
+
+
+def test_boxes_from_a_detections_file(checkpoint, synthetic_data_dir, tmp_path):
+    source = open_source("sam_synthetic/small", "validation", synthetic_data_dir)
+    detections = [
+        {"image_id": int(source[i]["image_id"]), "category_id": 1, "bbox": [float(v) for v in box], "score": 0.9}
+        for i in range(3) for box in source[i]["masks"]["bbox"]
+    ]
+    path = tmp_path / "detections.json"
+    path.write_text(json.dumps(detections))
+    assert run_eval(checkpoint, synthetic_data_dir, tmp_path / "out", "--num-images", "2", "--protocols", "boxes",
+                    "--boxes", str(path)) == 0
+    boxes = json.loads((tmp_path / "out" / "results.json").read_text())["boxes"]
+    assert boxes["box_source"] == "detections" and boxes["detection_images_not_evaluated"] == 1
+    assert boxes["num_boxes"] == sum(len(source[i]["masks"]["bbox"]) for i in range(2))
+    assert not (tmp_path / "out" / "miou_vs_clicks.png").exists()
