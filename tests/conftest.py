@@ -51,14 +51,22 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
-def synthetic_data_dir(tmp_path_factory) -> str:
-    """A data dir with sam_synthetic/small (48 + 16 images) prepared, once per session."""
+def synthetic_data_dir(tmp_path_factory, worker_id) -> str:
+    """A data dir with sam_synthetic/small (48 + 16 images) prepared once per test run,
+    shared by the pytest-xdist workers (the first one prepares it under a file lock)."""
     import tensorflow_datasets as tfds
+    from filelock import FileLock
 
     from sam_jax.data import builders  # noqa: F401  registers the builders
 
-    path = tmp_path_factory.mktemp("tfds")
-    tfds.builder("sam_synthetic/small", data_dir=str(path)).download_and_prepare()
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # xdist: every worker's base temp lies in one run directory
+        root = root.parent
+    path = root / "tfds_sam_synthetic_small"
+    with FileLock(str(path) + ".lock"):
+        if not (path / "prepared").exists():
+            tfds.builder("sam_synthetic/small", data_dir=str(path)).download_and_prepare()
+            (path / "prepared").touch()
     return str(path)
 
 
