@@ -43,7 +43,7 @@ from sam_jax.amg import (
     uncrop_masks,
     uncrop_points,
 )
-from sam_jax.modeling import Sam, postprocess_masks
+from sam_jax.modeling import Sam, decode_in_chunks, postprocess_masks
 from sam_jax.modeling.prompt_encoder import FOREGROUND
 from sam_jax.predictor import SamPredictor, _bucket, as_rgb
 
@@ -94,10 +94,7 @@ def _predict_batch(model: Sam, params, features, points, valid, iou_floor,
     """
     b = points.shape[0]
     labels = jnp.full((b, 1), FOREGROUND, jnp.int32)
-    low_res, iou_preds = model.apply(
-        {"params": params}, features, points[:, None, :], labels, None, None, True,
-        method=Sam.decode,
-    )
+    low_res, iou_preds = decode_in_chunks(model, params, features, points[:, None, :], labels)
     iou_preds = iou_preds.reshape(-1)
     low_res = low_res.reshape(-1, *low_res.shape[2:])
     n = len(low_res)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_jax.modeling import Sam, postprocess_masks, preprocess
+from sam_jax.modeling import Sam, decode_in_chunks, postprocess_masks, preprocess
 from sam_jax.modeling.prompt_encoder import PADDING
 from sam_jax.transforms import ResizeLongestSide
 
@@ -39,10 +39,7 @@ def _decode(model: Sam, params, features, coords, labels, boxes, masks,
             return_logits: bool = True):
     """Prompts in the input frame -> (masks at original size: logits, or booleans
     unless return_logits; IoU; low-res logits)."""
-    low_res, iou = model.apply(
-        {"params": params}, features, coords, labels, boxes, masks, multimask_output,
-        method=Sam.decode,
-    )
+    low_res, iou = decode_in_chunks(model, params, features, coords, labels, boxes, masks, multimask_output)
     logits = postprocess_masks(low_res, input_size, original_size, model.config.image_size)
     # Thresholding inside the jit fuses it into the upsampling: no full-size float masks.
     return (logits if return_logits else logits > model.config.mask_threshold), iou, low_res

@@ -52,3 +52,34 @@ def test_preprocess_padded_equals_preprocess_of_the_unpadded_image():
         np.testing.assert_array_equal(out[i], preprocess(jnp.asarray(images[i, :h, :w]), config))
     with pytest.raises(ValueError, match="padded images"):
         preprocess_padded(jnp.zeros((2, s, s)), jnp.asarray(sizes), config)
+
+
+@pytest.mark.parametrize("prompt", ["points+mask", "boxes"])
+def test_decode_in_chunks_equals_one_decode(tiny, prompt):
+    """8 prompts in chunks of 3 (the last one padded) give Sam.decode's outputs."""
+    from sam_jax.modeling import decode_in_chunks
+
+    config, _, params = tiny
+    rng = np.random.default_rng(0)
+    embedding = jnp.asarray(rng.normal(size=(1, 16, 16, 32)), jnp.float32)
+    if prompt == "boxes":
+        corners = np.sort(rng.uniform(0, 256, (8, 2, 2)), axis=1)
+        kwargs = dict(boxes=corners.transpose(0, 2, 1).reshape(8, 4).astype(np.float32))
+    else:
+        kwargs = dict(point_coords=rng.uniform(0, 256, (8, 3, 2)).astype(np.float32),
+                      point_labels=rng.integers(0, 2, (8, 3)).astype(np.int32),
+                      mask_inputs=rng.normal(size=(8, 1, 64, 64)).astype(np.float32))
+    expected = Sam(config).apply({"params": params}, embedding, **kwargs, multimask_output=True, method=Sam.decode)
+    got = decode_in_chunks(Sam(config), params, embedding, **kwargs, multimask_output=True, chunk=3)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_chunk_keeps_the_released_decoder_in_cache_on_the_cpu():
+    from sam_jax.configs import get_config
+    from sam_jax.modeling.sam import decoder_chunk
+
+    assert decoder_chunk(get_config("vit_b"), 64) == 2  # 2 x (64, 64, 256) fp32 = 8 MiB
+    assert decoder_chunk(get_config("vit_tiny"), 64) == 64
+    assert decoder_chunk(get_config("vit_b"), 1) == 1

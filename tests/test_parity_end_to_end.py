@@ -23,7 +23,7 @@ import torch
 
 from conftest import make_official, relative_error, report, to_torch
 from experiments.sample_image import synthetic_image
-from sam_jax.modeling import Sam, postprocess_masks, preprocess
+from sam_jax.modeling import Sam, decode_in_chunks, postprocess_masks, preprocess
 
 SIZES = [
     "vit_tiny",
@@ -41,10 +41,9 @@ def encode(model, params, image):
 
 @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9))
 def predict(model, params, embedding, coords, labels, boxes, masks, multimask, input_size, original_size):
-    """Low-res logits, IoU predictions and logits at `original_size` for B prompts."""
-    low_res, iou = model.apply(
-        {"params": params}, embedding, coords, labels, boxes, masks, multimask, method=Sam.decode
-    )
+    """Low-res logits, IoU predictions and logits at `original_size` for B prompts, decoded as
+    the predictors decode them (the released sizes in chunks of 2 on the CPU)."""
+    low_res, iou = decode_in_chunks(model, params, embedding, coords, labels, boxes, masks, multimask)
     return low_res, iou, postprocess_masks(low_res, input_size, original_size, model.config.image_size)
 
 

@@ -17,8 +17,33 @@ from sam_jax.modeling.common import Dtype, LayerNorm, MLPBlock, softmax_fp32
 DECODER_LN_EPS = 1e-5
 
 
+class Linear(nn.Module):
+    """`nn.Dense`'s parameters (kernel (in, out), bias (out,)), exposed so that `Attention` can
+    multiply them in another order."""
+
+    in_features: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.in_features, self.features),
+                                 self.param_dtype)
+        self.bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(self.dtype), self.kernel.astype(self.dtype)) + self.bias.astype(self.dtype)
+
+
 class Attention(nn.Module):
-    """Multi-head attention whose q/k/v projections may shrink the width by `downsample_rate`."""
+    """Multi-head attention whose q/k/v projections may shrink the width by `downsample_rate`.
+
+    The decoder's cross-attentions pair a few tokens (T, ~7) with a prompt's own h*w image
+    keys or queries. Where that side is per prompt and T is below the head width c, its
+    projections are folded into the small side instead (q W_k^T k^T = (q W_k^T) k^T,
+    A (v W_v) = (A v) W_v, (A v') W_o = A (v' W_o), using that softmax rows sum to 1):
+    h*w x D x T instead of h*w x D x c multiplications per head, the same function.
+    """
 
     num_heads: int
     downsample_rate: int = 1
@@ -33,24 +58,52 @@ class Attention(nn.Module):
         internal_dim = embedding_dim // self.downsample_rate
         if internal_dim % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} must divide internal dim {internal_dim}")
-        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-        heads = lambda x: x.reshape(*x.shape[:2], self.num_heads, -1)  # (B, N, heads, c)
-        q = heads(dense(internal_dim, "q_proj")(q))
-        k = heads(dense(internal_dim, "k_proj")(k))
-        v = heads(dense(internal_dim, "v_proj")(v))
+        n, c = self.num_heads, internal_dim // self.num_heads
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q_proj, k_proj, v_proj = (Linear(embedding_dim, internal_dim, name=f"{x}_proj", **kw) for x in "qkv")
+        out_proj = Linear(internal_dim, embedding_dim, name="out_proj", **kw)
+        heads = lambda x: x.reshape(*x.shape[:2], n, c)  # (B, N, heads, c)
+        per_head = lambda linear: linear.kernel.astype(self.dtype).reshape(-1, n, c)  # (D, heads, c)
+        f32 = dict(preferred_element_type=jnp.float32)
+        b = max(q.shape[0], k.shape[0])
         # Queries or keys/values may have batch 1, shared by all B prompts (the decoder's
         # first layer sees the same image for every prompt): then they are projected once.
-        b = max(q.shape[0], k.shape[0])
-        sq, sk = ("b" if x.shape[0] == b else "" for x in (q, k))
-        shared = lambda x, s: x if s else x[0]
-        logits = jnp.einsum(f"{sq}qnc,{sk}knc->bnqk", shared(q, sq), shared(k, sk),
-                            preferred_element_type=jnp.float32)
-        logits = logits / math.sqrt(q.shape[-1])
+        own = q.shape[0] == k.shape[0] == v.shape[0]  # no side shared by the B prompts
+        fold_keys = own and k.shape[1] > c > q.shape[1]  # few queries, a prompt's own keys
+        fold_queries = own and q.shape[1] > c > k.shape[1]  # a prompt's own queries, few keys
+        fold_out = q.shape[1] > c > k.shape[1] and k.shape[0] == v.shape[0] == b
+
+        if fold_keys:
+            qh = heads(q_proj(q))  # (B, T, heads, c)
+            g = jnp.einsum("btnc,dnc->bntd", qh, per_head(k_proj))
+            logits = jnp.einsum("bntd,bkd->bntk", g, k.astype(self.dtype), **f32)
+            logits = logits + jnp.einsum("btnc,nc->bnt", qh, k_proj.bias.astype(self.dtype).reshape(n, c))[..., None]
+        elif fold_queries:
+            kh = heads(k_proj(k))  # (B, T, heads, c)
+            g = jnp.einsum("btnc,dnc->bntd", kh, per_head(q_proj))
+            logits = jnp.einsum("bqd,bntd->bnqt", q.astype(self.dtype), g, **f32)
+            logits = logits + jnp.einsum("btnc,nc->bnt", kh, q_proj.bias.astype(self.dtype).reshape(n, c))[:, :, None, :]
+        else:
+            qh, kh = heads(q_proj(q)), heads(k_proj(k))
+            sq, sk = ("b" if x.shape[0] == b else "" for x in (qh, kh))
+            shared = lambda x, s: x if s else x[0]
+            logits = jnp.einsum(f"{sq}qnc,{sk}knc->bnqk", shared(qh, sq), shared(kh, sk), **f32)
+        logits = logits / math.sqrt(c)
         if key_mask is not None:  # exp(-inf) = 0: a masked key adds exactly nothing
             logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
-        attn = softmax_fp32(logits, self.dtype)
-        out = jnp.einsum(f"bnqk,{sk}knc->bqnc", attn, shared(v, sk))
-        return dense(embedding_dim, "out_proj")(out.reshape(b, q.shape[1], internal_dim))
+        attn = softmax_fp32(logits, self.dtype)  # (B, heads, Nq, Nk)
+
+        if fold_keys:
+            pooled = jnp.einsum("bnqk,bkd->bnqd", attn, v.astype(self.dtype))
+            out = jnp.einsum("bnqd,dnc->bqnc", pooled, per_head(v_proj)) + v_proj.bias.astype(self.dtype).reshape(n, c)
+            return out_proj(out.reshape(b, q.shape[1], internal_dim))
+        vh = heads(v_proj(v))
+        if fold_out:
+            u = jnp.einsum("bknc,ncd->bnkd", vh, out_proj.kernel.astype(self.dtype).reshape(n, c, -1))
+            return jnp.einsum("bnqk,bnkd->bqd", attn, u) + out_proj.bias.astype(self.dtype)
+        sk = "b" if vh.shape[0] == b else ""
+        out = jnp.einsum(f"bnqk,{sk}knc->bqnc", attn, vh if sk else vh[0])
+        return out_proj(out.reshape(b, q.shape[1], internal_dim))
 
 
 class TwoWayAttentionBlock(nn.Module):
