@@ -162,7 +162,7 @@ class Sam(nn.Module):
 
 # The decoder holds several (B, h, w, D) activations per prompt (4 MiB each for the
 # released models); a CPU runs it fastest on chunks of prompts whose activations stay
-# in cache (vit_b, 64 boxes, 2 cores: 2.45 s all at once, 1.55 s in chunks of 2).
+# in cache (`experiments.benchmark_inference` times the predictor and the mask generator).
 _CPU_CHUNK_BYTES = 8 * 2**20
 
 

@@ -76,8 +76,8 @@ class Attention(nn.Module):
         if fold_keys:
             qh = heads(q_proj(q))  # (B, T, heads, c)
             g = jnp.einsum("btnc,dnc->bntd", qh, per_head(k_proj))
+            # k_proj's bias adds q.b_k to a query's every logit: softmax cancels it, so it is left out.
             logits = jnp.einsum("bntd,bkd->bntk", g, k.astype(self.dtype), **f32)
-            logits = logits + jnp.einsum("btnc,nc->bnt", qh, k_proj.bias.astype(self.dtype).reshape(n, c))[..., None]
         elif fold_queries:
             kh = heads(k_proj(k))  # (B, T, heads, c)
             g = jnp.einsum("btnc,dnc->bntd", kh, per_head(q_proj))
