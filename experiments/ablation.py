@@ -29,6 +29,9 @@ from experiments.prepare_data import DEFAULT_DATA_DIR
 from experiments.train_configs import get_config
 
 BASE_CONFIG = "synthetic_cpu"
+# The paper's comparison: every step runs its variant's loop (no single-prompt steps first), 550
+# steps at a constant learning rate. `--set` overrides come after these.
+BASE_OVERRIDES = ("optimizer.decay_steps=()", "single_prompt_steps=0", "optimizer.total_steps=550")
 VARIANTS = {
     "interactive": (),
     "single_prompt": ("interactive.num_correction_points=0", "interactive.num_mask_only=0"),
@@ -58,12 +61,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
     results = {}
-    for name, overrides in VARIANTS.items():
+    for name, variant in VARIANTS.items():
         run_dir = workdir / name
-        config = get_config(BASE_CONFIG, tuple(args.overrides) + overrides)
+        overrides = BASE_OVERRIDES + tuple(args.overrides) + variant
+        config = get_config(BASE_CONFIG, overrides)
         if not (run_dir / "model").is_dir():
             command = ["--config", BASE_CONFIG, "--workdir", str(run_dir), "--data-dir", args.data_dir]
-            command += [f"--set={o}" for o in tuple(args.overrides) + overrides]
+            command += [f"--set={o}" for o in overrides]
             if train.main(command + ["--no-progress"] * args.no_progress) != 0:
                 return 2
         try:

@@ -35,8 +35,8 @@ def write_curves(path: Path, rows: List[Dict[str, Any]], interactive: Interactiv
     axes[0].plot(steps, [r["train/iou_loss"] for r in train], label="IoU head")
     axes[0].set_yscale("log")
     axes[0].set_title("training loss")
-    for k in sorted({1, min(2, n), n}):
-        axes[1].plot(steps, [r[f"train/miou_iter_{k}"] for r in train], label=f"iteration {k}")
+    for k in sorted({1, min(2, n), n}):  # single-prompt steps (single_prompt_steps) log iteration 1 only
+        axes[1].plot(steps, [r.get(f"train/miou_iter_{k}", np.nan) for r in train], label=f"iteration {k}")
     axes[1].set_title("training mIoU (low res)")
     axes[2].plot(steps, [r["train/learning_rate"] for r in train])
     axes[2].set_title("learning rate")

@@ -77,9 +77,13 @@ def test_a_missing_checkpoint_or_unprepared_data_set_is_named(checkpoint, tmp_pa
 
 
 def test_ablation_variants_and_table():
-    iterations = {name: get_config(ablation.BASE_CONFIG, overrides).interactive.num_iterations
-                  for name, overrides in ablation.VARIANTS.items()}
-    assert iterations == {"interactive": 11, "single_prompt": 1, "no_mask_only": 9}
+    configs = {name: get_config(ablation.BASE_CONFIG, ablation.BASE_OVERRIDES + overrides)
+               for name, overrides in ablation.VARIANTS.items()}
+    assert {name: c.interactive.num_iterations for name, c in configs.items()} == {
+        "interactive": 11, "single_prompt": 1, "no_mask_only": 9}
+    # Every step runs the variant's own loop, for the same number of steps.
+    assert {(c.single_prompt_steps, c.total_steps, c.interactive_at(1)) for c in configs.values()} == {
+        (0, 550, c.interactive) for c in configs.values()}
     points = {"miou": {"1": 0.5, "3": 0.61, "5": 0.7, "9": 0.755}}
     table = ablation.table({"interactive": {"iterations": 11, "points": points}})
     assert table.splitlines()[2] == "| interactive | 11 | 0.500 | 0.610 | 0.700 | 0.755 |"

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from checkpoints_convert import reference_model
 from conftest import apply_submodule, convert_module_params, relative_error, report, to_torch
-from sam_jax.modeling.common import LayerNorm, gelu
+from sam_jax.modeling.common import LayerNorm, PatchConv, gelu
 from sam_jax.modeling.image_encoder import Attention, Block, get_rel_pos
 from sam_jax.modeling.interpolate import resize_bilinear, resize_linear
 from sam_jax.modeling.sam import postprocess_masks, preprocess
@@ -63,6 +63,24 @@ def test_conv_transpose_matches_pytorch_semantics():
     assert error < 1e-6
     unflipped = dict(variables["params"], kernel=kernel.transpose(0, 1, 3, 2))
     assert relative_error(conv(False).apply({"params": unflipped}, x), expected) > 0.1
+
+
+@pytest.mark.parametrize("kernel_size, use_bias", [(1, True), (2, True), (4, False)])
+def test_patch_conv_matches_pytorch_strided_conv_and_loads_its_kernel(kernel_size, use_bias):
+    x = rng.normal(size=(3, 8, 12, 5)).astype(np.float32)
+    ref = torch.nn.Conv2d(5, 6, kernel_size=kernel_size, stride=kernel_size, bias=use_bias)
+    expected = ref(to_torch(x.transpose(0, 3, 1, 2))).detach().numpy().transpose(0, 2, 3, 1)
+    params = {"kernel": ref.weight.detach().numpy().transpose(2, 3, 1, 0)}  # the converter's transform
+    if use_bias:
+        params["bias"] = ref.bias.detach().numpy()
+    layer = PatchConv(6, kernel_size, use_bias=use_bias)
+    assert relative_error(layer.apply({"params": params}, x), expected) < 1e-6
+    shapes = jax.eval_shape(lambda: layer.init(jax.random.PRNGKey(0), x))["params"]
+    conv = nn.Conv(6, (kernel_size,) * 2, strides=kernel_size, padding="VALID", use_bias=use_bias)
+    assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(
+        lambda a: a.shape, jax.eval_shape(lambda: conv.init(jax.random.PRNGKey(0), x))["params"])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        PatchConv(6, 4).init(jax.random.PRNGKey(0), x[:, :6])
 
 
 @pytest.mark.parametrize("grid", [(20, 33), (33, 20), (64, 64)])

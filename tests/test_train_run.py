@@ -54,10 +54,13 @@ def test_a_run_writes_logs_pictures_and_a_loadable_model(finished_run):
     workdir, out = finished_run
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/total_loss" in r]
-    assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
+    # Every 2 steps, and at step 3 where the single-prompt steps end.
+    assert [r["step"] for r in train_rows] == [2, 3, 4, 6, 8]
     for row in train_rows:
         assert np.isfinite(row["train/total_loss"]) and row["train/learning_rate"] > 0
-        assert {f"train/miou_iter_{k}" for k in range(1, 5)} <= row.keys()  # 1 + 2 corrections + 1 mask-only
+        iterations = 1 if row["step"] <= 3 else 4  # then 1 + 2 corrections + 1 mask-only
+        assert {k for k in row if k.startswith("train/miou_iter_")} == {
+            f"train/miou_iter_{k}" for k in range(1, iterations + 1)}
         assert row["train/steps_per_s"] > 0 and row["train/grad_norm"] > 0
     eval_row = rows[-1]
     assert eval_row["step"] == 8 and set(eval_row) >= {"eval/miou_1_clicks", "eval/miou_3_clicks"}
@@ -68,7 +71,7 @@ def test_a_run_writes_logs_pictures_and_a_loadable_model(finished_run):
 
     events = EventAccumulator(str(workdir / "tensorboard"))
     events.Reload()
-    assert [e.step for e in events.Scalars("train/total_loss")] == [2, 4, 6, 8]
+    assert [e.step for e in events.Scalars("train/total_loss")] == [2, 3, 4, 6, 8]
     assert [e.value for e in events.Scalars("train/total_loss")] == pytest.approx(
         [r["train/total_loss"] for r in train_rows], rel=1e-6)
     assert events.Scalars("eval/miou_1_clicks")[0].value == pytest.approx(eval_row["eval/miou_1_clicks"])
@@ -130,7 +133,7 @@ def test_sigkill_and_restart_reach_bit_identical_params(finished_run, tmp_path, 
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [2, 4, 6, 8, 8]  # rows past the restored step were dropped, none repeated
+    assert steps == [2, 3, 4, 6, 8, 8]  # rows past the restored step were dropped, none repeated
 
 
 def test_a_changed_config_on_resume_is_refused(finished_run, synthetic_data_dir, cache_dir, capsys):
@@ -160,10 +163,18 @@ def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, synthetic_data_dir, ca
     (["optimizer.learning_rate"], "path=value"),
     (["optimizer.nope=1"], "no field 'nope' in OptimizerConfig"),
     (["dtype=float16"], "dtype must be"),
+    (["single_prompt_steps=7"], r"single_prompt_steps must be in \[0, optimizer.total_steps=6\], got 7"),
 ])
 def test_bad_overrides_are_one_line_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         get_config("synthetic_smoke", tuple(overrides))
+
+
+def test_single_prompt_steps_train_the_first_iteration_then_the_full_loop():
+    config = get_config("synthetic_smoke")
+    assert [config.interactive_at(step).num_iterations for step in range(1, 7)] == [1, 1, 1, 4, 4, 4]
+    assert config.interactive_at(1).box_probability == config.interactive.box_probability
+    assert get_config("synthetic_smoke", ("single_prompt_steps=0",)).interactive_at(1) == config.interactive
 
 
 def test_unprepared_real_data_set_says_how_to_prepare(tmp_path, capsys):

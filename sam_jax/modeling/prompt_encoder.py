@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_jax.modeling.common import Dtype, LayerNorm, gelu
+from sam_jax.modeling.common import Dtype, LayerNorm, PatchConv, gelu
 
 # Point labels, as the official code uses them.
 NOT_A_POINT = -1  # the official padding token: zero encoding + `not_a_point_embed`
@@ -88,11 +88,11 @@ class PromptEncoder(nn.Module):
         self.not_a_point_embed = embed(1)
         self.no_mask_embed = embed(1)
         c = self.mask_in_chans
-        self.mask_downscaling_0 = nn.Conv(c // 4, (2, 2), strides=(2, 2), padding="VALID", **kw)
+        self.mask_downscaling_0 = PatchConv(c // 4, 2, **kw)
         self.mask_downscaling_1 = LayerNorm(**kw)
-        self.mask_downscaling_3 = nn.Conv(c, (2, 2), strides=(2, 2), padding="VALID", **kw)
+        self.mask_downscaling_3 = PatchConv(c, 2, **kw)
         self.mask_downscaling_4 = LayerNorm(**kw)
-        self.mask_downscaling_6 = nn.Conv(self.embed_dim, (1, 1), **kw)
+        self.mask_downscaling_6 = PatchConv(self.embed_dim, 1, **kw)
 
     @property
     def mask_input_size(self) -> tuple[int, int]:
