@@ -147,7 +147,8 @@ def test_a_changed_config_on_resume_is_refused(finished_run, synthetic_data_dir,
 
 def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, synthetic_data_dir, cache_dir):
     code, _, err = run_train(tmp_path / "nan", synthetic_data_dir, cache_dir, "optimizer.learning_rate=1e30",
-                             "optimizer.warmup_steps=0", "optimizer.total_steps=12", "max_nonfinite_in_a_row=3")
+                             "optimizer.warmup_steps=0", "optimizer.total_steps=12", "max_nonfinite_in_a_row=3",
+                             "single_prompt_steps=0")  # one loop: one compile
     assert code == 2
     assert "3 steps in a row" in err and "non-finite" in err
     assert f"The last finite checkpoint is in {tmp_path / 'nan' / 'checkpoints'}" in err
