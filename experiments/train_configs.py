@@ -184,16 +184,34 @@ CONFIGS = {
 
 
 def get_config(name: str, overrides: tuple[str, ...] = ()) -> TrainConfig:
-    """A named config with `path=value` overrides applied (values are Python literals, or strings)."""
+    """A named config with `path=value` overrides applied (values are Python literals, or strings).
+
+    All overrides are gathered first and each config node is rebuilt once, so fields checked
+    against each other (`optimizer.total_steps` and `optimizer.decay_steps`, `single_prompt_steps`)
+    can be changed together in any order; a later override of the same path wins."""
     if name not in CONFIGS:
         raise ValueError(f"unknown config {name!r}; choose one of {sorted(CONFIGS)}")
     config = CONFIGS[name]()
+    changes: dict[str, Any] = {}  # nested by path; leaves are _Override
     for override in overrides:
         path, sep, text = override.partition("=")
         if not sep or not path:
             raise ValueError(f"--set takes path=value, got {override!r}")
-        config = _replace(config, path.split("."), _literal(text), override)
-    return config
+        keys = path.split(".")
+        _check_path(config, keys, override)
+        node = changes
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if isinstance(node, _Override):
+                raise ValueError(f"--set {override}: conflicts with the earlier --set {node.text}")
+        node[keys[-1]] = _Override(override, _literal(text))
+    return _apply(config, changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Override:
+    text: str  # the whole path=value, for messages
+    value: Any
 
 
 def _literal(text: str) -> Any:
@@ -203,14 +221,25 @@ def _literal(text: str) -> Any:
         return text  # a bare word or path is a string
 
 
-def _replace(node: Any, path: list[str], value: Any, override: str) -> Any:
-    if not dataclasses.is_dataclass(node):
-        raise ValueError(f"--set {override}: {type(node).__name__} has no field {path[0]!r}")
-    names = [f.name for f in dataclasses.fields(node)]
-    if path[0] not in names:
-        raise ValueError(f"--set {override}: no field {path[0]!r} in {type(node).__name__} (fields: {', '.join(names)})")
-    if len(path) > 1:
-        value = _replace(getattr(node, path[0]), path[1:], value, override)
-    elif isinstance(getattr(node, path[0]), tuple) and isinstance(value, list):
-        value = tuple(value)
-    return dataclasses.replace(node, **{path[0]: value})
+def _check_path(node: Any, keys: list[str], override: str) -> None:
+    for key in keys:
+        if not dataclasses.is_dataclass(node):
+            raise ValueError(f"--set {override}: {type(node).__name__} has no field {key!r}")
+        names = [f.name for f in dataclasses.fields(node)]
+        if key not in names:
+            raise ValueError(f"--set {override}: no field {key!r} in {type(node).__name__} (fields: {', '.join(names)})")
+        node = getattr(node, key)
+
+
+def _apply(node: Any, changes: dict[str, Any]) -> Any:
+    """`node` with `changes` applied, children first, then one `dataclasses.replace` (one validation)."""
+    fields = {}
+    for key, change in changes.items():
+        if isinstance(change, _Override):
+            value = change.value
+            if isinstance(getattr(node, key), tuple) and isinstance(value, list):
+                value = tuple(value)
+        else:
+            value = _apply(getattr(node, key), change)
+        fields[key] = value
+    return dataclasses.replace(node, **fields)

@@ -165,10 +165,26 @@ def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, synthetic_data_dir, ca
     (["optimizer.nope=1"], "no field 'nope' in OptimizerConfig"),
     (["dtype=float16"], "dtype must be"),
     (["single_prompt_steps=7"], r"single_prompt_steps must be in \[0, optimizer.total_steps=6\], got 7"),
+    (["optimizer.total_steps=4", "single_prompt_steps=5"], r"total_steps=4\], got 5"),
+    (["optimizer.decay_steps=(3,)", "optimizer.total_steps=3"], r"OptimizerConfig.decay_steps must be before total_steps=3"),
+    (["dtype='float32'", "dtype.x=1"], "str has no field 'x'"),
+    (["data='x'", "data.dataset=y"], "conflicts with the earlier --set data='x'"),
 ])
 def test_bad_overrides_are_one_line_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         get_config("synthetic_smoke", tuple(overrides))
+
+
+@pytest.mark.parametrize("overrides", [
+    ("optimizer.total_steps=3000", "optimizer.decay_steps=(2000,)", "single_prompt_steps=2500"),
+    ("single_prompt_steps=2500", "optimizer.decay_steps=[2000]", "optimizer.total_steps=3000"),
+])
+def test_overrides_checked_against_each_other_apply_in_any_order(overrides):
+    config = get_config("synthetic_cpu", ("optimizer.total_steps=800",) + overrides)  # the later one wins
+    assert (config.optimizer.total_steps, config.optimizer.decay_steps, config.single_prompt_steps) == (3000, (2000,), 2500)
+    shorter = get_config("synthetic_cpu", ("optimizer.decay_steps=()", "optimizer.total_steps=800", "single_prompt_steps=800"))
+    assert (shorter.optimizer.total_steps, shorter.optimizer.decay_steps, shorter.single_prompt_steps) == (800, (), 800)
+    assert shorter.data.preprocess == get_config("synthetic_cpu").data.preprocess
 
 
 def test_single_prompt_steps_train_the_first_iteration_then_the_full_loop():
