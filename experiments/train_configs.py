@@ -111,7 +111,7 @@ SYNTHETIC_MODEL = SamConfig(
 
 def synthetic_cpu() -> TrainConfig:
     """The README's main job on `sam_synthetic/cpu`, about 12 minutes on 2 CPU cores: 1,500 steps of
-    the loop's first iteration (~0.23 s each: 4 images x 6 masks), then 200 steps of the paper's
+    the loop's first iteration (~0.21 s each: 4 images x 6 masks), then 200 steps of the paper's
     full 11-iteration loop (~1.1 s each), lr / 10 for the last 100."""
     return TrainConfig(
         model=SYNTHETIC_MODEL,

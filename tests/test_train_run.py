@@ -175,16 +175,16 @@ def test_bad_overrides_are_one_line_errors(overrides, message):
         get_config("synthetic_smoke", tuple(overrides))
 
 
-@pytest.mark.parametrize("overrides", [
-    ("optimizer.total_steps=3000", "optimizer.decay_steps=(2000,)", "single_prompt_steps=2500"),
-    ("single_prompt_steps=2500", "optimizer.decay_steps=[2000]", "optimizer.total_steps=3000"),
+@pytest.mark.parametrize("overrides, expected", [
+    (("optimizer.total_steps=800", "optimizer.total_steps=3000", "optimizer.decay_steps=(2000,)",
+      "single_prompt_steps=2500"), (3000, (2000,), 2500)),  # the later total_steps wins
+    (("single_prompt_steps=2500", "optimizer.decay_steps=[2000]", "optimizer.total_steps=3000"), (3000, (2000,), 2500)),
+    (("optimizer.decay_steps=()", "optimizer.total_steps=800", "single_prompt_steps=800"), (800, (), 800)),
 ])
-def test_overrides_checked_against_each_other_apply_in_any_order(overrides):
-    config = get_config("synthetic_cpu", ("optimizer.total_steps=800",) + overrides)  # the later one wins
-    assert (config.optimizer.total_steps, config.optimizer.decay_steps, config.single_prompt_steps) == (3000, (2000,), 2500)
-    shorter = get_config("synthetic_cpu", ("optimizer.decay_steps=()", "optimizer.total_steps=800", "single_prompt_steps=800"))
-    assert (shorter.optimizer.total_steps, shorter.optimizer.decay_steps, shorter.single_prompt_steps) == (800, (), 800)
-    assert shorter.data.preprocess == get_config("synthetic_cpu").data.preprocess
+def test_overrides_checked_against_each_other_apply_in_any_order(overrides, expected):
+    config = get_config("synthetic_cpu", overrides)  # synthetic_cpu: 1,700 steps, decay at 1,600, 1,500 single-prompt
+    assert (config.optimizer.total_steps, config.optimizer.decay_steps, config.single_prompt_steps) == expected
+    assert config.data == get_config("synthetic_cpu").data
 
 
 def test_single_prompt_steps_train_the_first_iteration_then_the_full_loop():

@@ -161,7 +161,8 @@ def sharded_train_step(step_fn, state_shapes: TrainState, mesh: Mesh, axis: str 
     `jax.device_put(state, shardings)`; batches sharded on the leading axis
     (what `InputPipeline` yields for a 1-D "data" mesh).
     """
-    state_shardings = jax.tree.map(fsdp_sharding(mesh, axis), state_shapes)
+    rule = fsdp_sharding(mesh, axis)
+    state_shardings = jax.tree.map(rule, state_shapes)
     batch_sharding = NamedSharding(mesh, PartitionSpec(axis))
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(
