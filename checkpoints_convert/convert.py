@@ -4,17 +4,16 @@
     python -m checkpoints_convert.convert path/to/facebook-sam-vit-base/ converted/vit_b_hf
 
 The model type is read off the tensor shapes; `--model-type` checks it. The
-output directory is written under a temporary name and renamed when complete,
-so a failed conversion leaves nothing behind. No torch needed.
+output directory appears only when conversion succeeded (`sam_jax.weights.
+save_params` stages it and renames it into place). No torch needed. The same
+command is `sam-jax convert`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,12 +21,14 @@ from typing import Optional
 from checkpoints_convert.huggingface import huggingface_to_official, is_huggingface_state_dict
 from checkpoints_convert.official import detect_config, official_to_flax
 from checkpoints_convert.pth_reader import load_state_dict
-from sam_jax import param_layout
-from sam_jax.checkpoint import save_params
+from sam_jax import weights
 from sam_jax.configs import CONFIGS, SamConfig
 from sam_jax.errors import CheckpointError
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+DESCRIPTION = ("Converts official SAM `.pth` or Hugging Face SAM weights into a new sam_jax checkpoint "
+               "folder. The model type is read off the tensor shapes; the folder appears only when "
+               "conversion succeeded. No torch needed.")
 
 
 def resolve_weights_file(path: Path) -> Path:
@@ -44,7 +45,7 @@ def convert_checkpoint(
     source: str | os.PathLike,
     output: str | os.PathLike,
     model_type: Optional[str] = None,
-    layout: str = param_layout.LOOPED,
+    layout: str = weights.LOOPED,
 ) -> SamConfig:
     """Converts `source` into a new sam_jax checkpoint directory `output`; returns its config."""
     source, output = Path(source), Path(output)
@@ -69,37 +70,38 @@ def convert_checkpoint(
         )
     params = official_to_flax(state_dict, config, source=str(weights_file))
     del state_dict
-    params = param_layout.to_layout(params, config, layout)
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        save_params(staging / "ckpt", params, config, source=f"{kind}:{weights_file.name}")
-        os.replace(staging / "ckpt", output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    params = weights.to_layout(params, config, layout)
+    weights.save_params(output, params, config, source=f"{kind}:{weights_file.name}")
     return config
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m checkpoints_convert.convert", description=__doc__.split("\n\n")[0]
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's arguments (this module's `main` and `sam-jax convert` share them)."""
     parser.add_argument("source", help="official .pth, HF .safetensors/.bin, or HF model directory")
     parser.add_argument("output", help="new directory for the converted checkpoint")
     parser.add_argument("--model-type", choices=sorted(CONFIGS), help="fail unless the checkpoint is this model")
-    parser.add_argument("--layout", choices=param_layout.LAYOUTS, default=param_layout.LOOPED,
+    parser.add_argument("--layout", choices=weights.LAYOUTS, default=weights.LOOPED,
                         help="encoder block layout: looped (inference) or scanned (Sam(scan_blocks=True))")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Converts as `args` say and prints one line; errors propagate (CheckpointError, OSError)."""
     start = time.perf_counter()
-    try:
-        config = convert_checkpoint(args.source, args.output, args.model_type, args.layout)
-    except (CheckpointError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    config = convert_checkpoint(args.source, args.output, args.model_type, args.layout)
     print(f"converted {args.source} ({config.name}, {args.layout}) -> {args.output} "
           f"in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m checkpoints_convert.convert", description=DESCRIPTION)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (CheckpointError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from sam_jax.checkpoint import list_keys, abstract_params, flatten, unflatten
+from sam_jax.tree_paths import flatten, list_keys, unflatten
+from sam_jax.weights import abstract_params
 from sam_jax.configs import CONFIGS, ImageEncoderConfig, SamConfig
 from sam_jax.errors import CheckpointError
 

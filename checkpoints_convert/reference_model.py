@@ -2,7 +2,8 @@
 
 For tests, benchmarks and the demo: it builds official models of any sam_jax
 config, e.g. to write a randomly initialised checkpoint with the released key
-layout. It needs torch (`pip install -e '.[torch]'`); sam_jax never imports it.
+layout. It needs torch and segment-anything (`pip install '.[torch]'`), works
+from a plain install, and sam_jax never imports it.
 
 `segment_anything/__init__.py` imports the automatic mask generator, which
 imports torchvision at import time, and torchvision has no CPU build here.
@@ -37,19 +38,21 @@ def _import_modeling():
 
 modeling = _import_modeling()
 
-# Faithful stand-ins for the few torchvision functions the official predictor and
-# automatic mask generator import (torchvision has no CPU build here); see its README.
-STAND_INS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "stand_ins")
 
-
-def official_module(name: str) -> types.ModuleType:
-    """An official `segment_anything.<name>` module that imports torchvision (e.g.
-    "predictor", "automatic_mask_generator"), imported on the stand-ins."""
-    sys.path.insert(0, STAND_INS)
+def official_module(name: str, stand_ins: str | os.PathLike) -> types.ModuleType:
+    """An official `segment_anything.<name>` module that imports torchvision (e.g. "predictor",
+    "automatic_mask_generator"), imported with `stand_ins` (a folder holding a `torchvision`
+    package of stand-ins for the few functions it calls; the tests keep theirs in
+    `tests/stand_ins`) first on the import path."""
+    stand_ins = os.fspath(stand_ins)
+    if not os.path.isdir(os.path.join(stand_ins, "torchvision")):
+        raise ImportError(f"{stand_ins} holds no torchvision stand-ins (a source checkout has tests/stand_ins)")
+    sys.path.insert(0, stand_ins)
     try:
         return importlib.import_module(f"segment_anything.{name}")
     finally:
-        sys.path.remove(STAND_INS)
+        sys.path.remove(stand_ins)
+
 
 # The official configurations, as in `segment_anything/build_sam.py`.
 ENCODER_CONFIGS = {

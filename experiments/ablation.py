@@ -25,8 +25,9 @@ from typing import List, Optional
 
 from experiments import eval as evaluation
 from experiments import train
-from experiments.prepare_data import DEFAULT_DATA_DIR
 from experiments.train_configs import get_config
+from sam_jax.data.pipeline import DEFAULT_DATA_DIR
+from sam_jax.training.loop import TrainingError, check_workdir_config
 
 BASE_CONFIG = "synthetic_cpu"
 # The paper's comparison: every step runs its variant's loop (no single-prompt steps first), 550
@@ -71,11 +72,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             if train.main(command + ["--no-progress"] * args.no_progress) != 0:
                 return 2
         try:
-            train.check_workdir_config(run_dir.absolute(), config)  # a finished run of another config is refused
+            check_workdir_config(run_dir.absolute(), config)  # a finished run of another config is refused
             evaluated = evaluation.evaluate_checkpoint(
                 str(run_dir / "model"), config.data.dataset, config.data.eval_split, args.data_dir, args.num_images,
                 ["points"], progress=not args.no_progress)
-        except (train.TrainingError, ValueError, FileNotFoundError) as err:
+        except (TrainingError, ValueError, FileNotFoundError) as err:
             print(f"ablation: error: {err}", file=sys.stderr)
             return 2
         evaluation.write_results(run_dir / "eval", evaluated)

@@ -16,6 +16,9 @@ Every timing is a median over `--repeats` runs after a warm-up run (which
 includes JAX compilation, reported separately). The FLOP floor is the
 encoder's FLOPs over the fp32 matmul rate measured in this run. Writes JSON
 (default workdir/benchmarks/inference_<model>.json).
+
+Runs from a source checkout: the official predictor and generator import
+torchvision, and the tests' stand-ins for it (`tests/stand_ins`) take its place.
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ from sam_jax.modeling import Sam
 
 PARTS = ("encoder", "decoder", "amg")
 ORIGINAL_SIZE = (768, 1024)  # (H, W) of the decoder and AMG image
+STAND_INS = Path(__file__).resolve().parents[1] / "tests" / "stand_ins"
+
+
+def official_module(name: str):
+    """An official segment_anything module that imports torchvision, on the tests' stand-ins."""
+    from checkpoints_convert import reference_model
+
+    return reference_model.official_module(name, STAND_INS)
 
 
 def encoder_flops(config: SamConfig, batch: int) -> float:
@@ -124,7 +135,6 @@ def bench_encoder(result, config, model, params, reference, repeats):
 def bench_decoder(result, model, params, reference, repeats):
     import torch
 
-    from checkpoints_convert.reference_model import official_module
     from sam_jax.predictor import SamPredictor
 
     image = synthetic_image(*ORIGINAL_SIZE, seed=0)
@@ -156,7 +166,6 @@ def bench_decoder(result, model, params, reference, repeats):
 def bench_amg(result, model, params, reference, repeats):
     import torch
 
-    from checkpoints_convert.reference_model import official_module
     from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
 
     official_amg = official_module("automatic_mask_generator").SamAutomaticMaskGenerator

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from experiments.prepare_data import DEFAULT_DATA_DIR
+from sam_jax.data.pipeline import DEFAULT_DATA_DIR
 from sam_jax.errors import CheckpointError
 from sam_jax.evaluation.point_protocol import FIRST_CLICKS, REPORTED_CLICKS, ProtocolConfig
 
@@ -47,7 +47,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, split: str = "validation"
     from tqdm import tqdm
 
     from sam_jax.batch_predictor import SamBatchPredictor
-    from sam_jax.checkpoint import load_sam
+    from sam_jax.weights import load_sam
     from sam_jax.data.pipeline import open_source
     from sam_jax.evaluation import box_prompts, point_protocol
     from sam_jax.evaluation.instances import read_instances

@@ -17,7 +17,8 @@ import os
 import sys
 from typing import Dict, List, Tuple
 
-DEFAULT_DATA_DIR = os.path.join("workdir", "tensorflow_datasets")
+from sam_jax.data.pipeline import DEFAULT_DATA_DIR
+
 
 
 def parse_splits(values: List[str]) -> Dict[str, Tuple[str, str]]:

@@ -1,12 +1,13 @@
 """sam_jax: Segment Anything in JAX/Flax."""
 
 from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
-from sam_jax.checkpoint import load_sam, save_params
+from sam_jax.batch_predictor import SamBatchPredictor
 from sam_jax.configs import CONFIGS, ImageEncoderConfig, SamConfig, get_config
 from sam_jax.errors import CheckpointError
 from sam_jax.modeling import Sam, postprocess_masks, preprocess
 from sam_jax.predictor import SamPredictor
-from sam_jax.transforms import ResizeLongestSide
+from sam_jax.utils.transforms import ResizeLongestSide
+from sam_jax.weights import load_sam, save_params
 
 __all__ = [
     "CONFIGS",
@@ -15,6 +16,7 @@ __all__ = [
     "ResizeLongestSide",
     "Sam",
     "SamAutomaticMaskGenerator",
+    "SamBatchPredictor",
     "SamConfig",
     "SamPredictor",
     "get_config",

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_jax.amg import (
+from sam_jax.utils.amg import (
     MaskData,
     area_from_rle,
     batched_mask_to_box,
@@ -43,9 +43,10 @@ from sam_jax.amg import (
     uncrop_masks,
     uncrop_points,
 )
-from sam_jax.modeling import Sam, decode_in_chunks, postprocess_masks
+from sam_jax.modeling import Sam, decode_in_chunks, encode_images, postprocess_masks
 from sam_jax.modeling.prompt_encoder import FOREGROUND
-from sam_jax.predictor import SamPredictor, _bucket, as_rgb
+from sam_jax.prompts import bucket
+from sam_jax.utils.transforms import ResizeLongestSide, as_rgb, to_input_batch
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
@@ -79,7 +80,7 @@ def _mask_chunk(crop_size: Tuple[int, int]) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
-def _predict_batch(model: Sam, params, features, points, valid, iou_floor,
+def predict_point_batch(model: Sam, params, features, points, valid, iou_floor,
                    stability_offset: float, input_size: tuple, crop_size: tuple, chunk: int):
     """One batch of single-point prompts, 3 masks each.
 
@@ -212,7 +213,9 @@ class SamAutomaticMaskGenerator:
         if min_mask_region_area < 0:
             raise ValueError(f"min_mask_region_area must be >= 0; got {min_mask_region_area!r}")
 
-        self.predictor = SamPredictor(model, params)
+        self.model = model
+        self.params = params
+        self.transform = ResizeLongestSide(model.config.image_size)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -283,10 +286,12 @@ class SamAutomaticMaskGenerator:
         x0, y0, x1, y1 = crop_box
         cropped_im = image[y0:y1, x0:x1, :]
         crop_size = cropped_im.shape[:2]
-        self.predictor.set_image(cropped_im)
+        resized, input_size = to_input_batch([cropped_im], self.transform, 1)
+        features = encode_images(self.model, self.params, resized, input_size)
+        input_size = tuple(int(v) for v in input_size[0])
 
         points = self.point_grids[crop_layer_idx] * np.array(crop_size)[None, ::-1]  # (N, 2) in the crop
-        transformed = self.predictor.transform.apply_coords(points, crop_size).astype(np.float32)
+        transformed = self.transform.apply_coords(points, crop_size).astype(np.float32)
         n, b = len(points), self.points_per_batch
         n_batches = -(-n // b)
         padded = np.zeros((n_batches * b, 2), np.float32)
@@ -296,10 +301,9 @@ class SamAutomaticMaskGenerator:
 
         def launch(i):
             rows = slice(i * b, (i + 1) * b)
-            return _predict_batch(
-                self.predictor.model, self.predictor.params, self.predictor.features,
-                padded[rows], valid[rows], iou_floor, float(self.stability_score_offset),
-                self.predictor.input_size, crop_size, _mask_chunk(crop_size),
+            return predict_point_batch(
+                self.model, self.params, features, padded[rows], valid[rows], iou_floor,
+                float(self.stability_score_offset), input_size, crop_size, _mask_chunk(crop_size),
             )
 
         data = MaskData()
@@ -308,7 +312,6 @@ class SamAutomaticMaskGenerator:
             outputs, pending = pending, (launch(i + 1) if i + 1 < n_batches else None)
             rows = slice(i * b, (i + 1) * b)
             data.cat(self._filter_batch(outputs, points[rows], valid[rows], crop_box, orig_size))
-        self.predictor.reset_image()
 
         if len(data):  # duplicates within this crop
             keep = batched_nms(
@@ -340,7 +343,7 @@ class SamAutomaticMaskGenerator:
 
         rles = []
         if len(index):
-            gather = np.zeros(_bucket(len(index)), np.int32)
+            gather = np.zeros(bucket(len(index)), np.int32)
             gather[: len(index)] = index
             packed = np.asarray(_take_rows(packed, gather))[: len(index)]
             x0, y0, x1, y1 = crop_box

@@ -16,7 +16,6 @@ their results are dropped. Results equal `SamPredictor`'s image by image.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional, Sequence
 
 import jax
@@ -24,39 +23,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sam_jax.modeling import Sam, postprocess_masks, preprocess_padded
-from sam_jax.predictor import _bucket, as_rgb, check_prompts, prompt_counts, to_input_frame
-from sam_jax.transforms import ResizeLongestSide
+from sam_jax.modeling import Sam, decode_batch, encode_images, upsample_masks
+from sam_jax.prompts import bucket, check_prompts, prompt_counts, to_input_frame
+from sam_jax.utils.transforms import ResizeLongestSide, to_input_batch
 
 DATA_AXIS = "data"
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def encode_batch(model: Sam, params, images: jax.Array, input_sizes: jax.Array) -> jax.Array:
-    """(B, S, S, 3) uint8 images zero-padded from (B, 2) input sizes -> (B, h, w, D)."""
-    return model.apply({"params": params}, preprocess_padded(images, input_sizes, model.config),
-                       method=Sam.encode_image)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def decode_batch(model: Sam, params, features, coords, labels, boxes, multimask_output: bool,
-                  masks=None):
-    """Per image b: features (B, h, w, D), prompts (B, P, ...) (boxes and masks may be
-    None) -> low-res logits (B, P, C, 4h, 4w) and IoU predictions (B, P, C)."""
-
-    def one_image(f, c, l, b, m):
-        return model.apply({"params": params}, f[None], c, l, b, m, multimask_output,
-                           method=Sam.decode)
-
-    return jax.vmap(one_image)(features, coords, labels, boxes, masks)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _upsample(low_res: jax.Array, input_size: tuple, original_size: tuple, image_size: int,
-              threshold: Optional[float]):
-    """Low-res logits -> logits at the original size, or masks (logits > threshold)."""
-    logits = postprocess_masks(low_res, input_size, original_size, image_size)
-    return logits if threshold is None else logits > threshold
 
 
 class SamBatchPredictor:
@@ -84,23 +55,10 @@ class SamBatchPredictor:
         if len(images) == 0:
             raise ValueError("set_images needs at least one image")
         self.reset_images()
-        resized = []
-        for i, image in enumerate(images):
-            try:
-                resized.append(self.transform.apply_image(as_rgb(image, image_format)))
-            except ValueError as e:
-                raise ValueError(f"image {i}: {e}") from None
-        s = self.model.config.image_size
-        batch = np.zeros((self._local_batch(len(images)), s, s, 3), np.uint8)
-        for i, x in enumerate(resized):
-            batch[i, : x.shape[0], : x.shape[1]] = x
-        input_sizes = np.zeros((batch.shape[0], 2), np.int32)
-        input_sizes[: len(resized)] = [x.shape[:2] for x in resized]
-        self.features = encode_batch(
-            self.model, self.params, self._shard(batch), self._shard(input_sizes)
-        )
+        batch, input_sizes = to_input_batch(images, self.transform, self._local_batch(len(images)), image_format)
+        self.features = encode_images(self.model, self.params, self._shard(batch), self._shard(input_sizes))
         self.original_sizes = [np.shape(image)[:2] for image in images]
-        self.input_sizes = [x.shape[:2] for x in resized]
+        self.input_sizes = [tuple(int(v) for v in size) for size in input_sizes[: len(images)]]
 
     def predict_batch(
         self,
@@ -139,7 +97,7 @@ class SamBatchPredictor:
         if len(kinds) > 1:
             raise ValueError("every image must give the same kinds of prompt (points, boxes, masks)")
         counts = np.array([prompt_counts(*c) for c in checked])
-        num_prompts, num_points = (_bucket(int(n)) for n in self._global_max(counts.max(0)))
+        num_prompts, num_points = (bucket(int(n)) for n in self._global_max(counts.max(0)))
         padded = [
             to_input_frame(self.transform, size, *c, num_prompts, num_points)
             for c, size in zip(checked, self.original_sizes)
@@ -155,8 +113,7 @@ class SamBatchPredictor:
             stacked.append(self._shard(x))
         coords, labels, boxes, masks = stacked
         low_res, iou = decode_batch(
-            self.model, self.params, self.features, coords, labels, boxes,
-            bool(multimask_output), masks,
+            self.model, self.params, self.features, coords, labels, boxes, masks, bool(multimask_output),
         )
         return [
             self._finish(low_res_i, iou_i, i, int(counts[i, 0]), return_logits)
@@ -168,7 +125,7 @@ class SamBatchPredictor:
         """One image's padded device outputs -> numpy results at its original size."""
         low_res = low_res[:num_prompts]
         cfg = self.model.config
-        masks = _upsample(low_res, self.input_sizes[i], self.original_sizes[i], cfg.image_size,
+        masks = upsample_masks(low_res, self.input_sizes[i], self.original_sizes[i], cfg.image_size,
                           None if return_logits else cfg.mask_threshold)
         return np.asarray(masks), np.asarray(iou[:num_prompts]), np.asarray(low_res)
 

@@ -15,7 +15,7 @@ import torch
 
 from checkpoints_convert import reference_model
 from checkpoints_convert.official import official_to_flax, to_flax_array, torch_key
-from sam_jax.checkpoint import flatten, unflatten
+from sam_jax.tree_paths import flatten, unflatten
 from sam_jax.configs import SamConfig, get_config
 from sam_jax.modeling import Sam
 
@@ -94,4 +94,11 @@ def convert_module_params(flax_module, torch_module: torch.nn.Module, *init_args
     return unflatten({p: to_flax_array(p, state_dict[k].detach().numpy()) for p, k in keys.items()})
 
 
-official_module = reference_model.official_module  # official modules that import torchvision
+# Faithful stand-ins for the few torchvision functions that official modules importing it call
+# (torchvision has no CPU build here); see stand_ins/README.md.
+STAND_INS = os.path.join(os.path.dirname(__file__), "stand_ins")
+
+
+def official_module(name: str):
+    """An official segment_anything module that imports torchvision, e.g. "predictor"."""
+    return reference_model.official_module(name, STAND_INS)

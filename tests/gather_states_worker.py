@@ -1,4 +1,4 @@
-"""Each process gathers every process's input-iterator state (`experiments.train.gather_data_states`).
+"""Each process gathers every process's input-iterator state (`sam_jax.training.parallel.gather_data_states`).
 
   python tests/gather_states_worker.py OUT.npz [--process-id I --num-processes P --port N]
 """
@@ -17,7 +17,7 @@ import device_workers
 
 def main() -> None:
     args = device_workers.init_worker()
-    from experiments.train import gather_data_states
+    from sam_jax.training.parallel import gather_data_states
 
     # States of different lengths: the gather pads and cuts them back.
     state = {"process": args.process_id, "position": [3, 5 + args.process_id], "pad": "x" * (7 * args.process_id)}

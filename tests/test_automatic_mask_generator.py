@@ -1,4 +1,4 @@
-"""`SamAutomaticMaskGenerator` and `sam_jax.amg` equal the official ones (vit_tiny, random weights).
+"""`SamAutomaticMaskGenerator` and `sam_jax.utils.amg` equal the official ones (vit_tiny, random weights).
 
 Official: `segment_anything.automatic_mask_generator` and `segment_anything.utils.amg`,
 run on the torchvision stand-ins (tests/stand_ins: nms, batched_nms, box_area).
@@ -29,9 +29,10 @@ from checkpoints_convert import reference_model
 from checkpoints_convert.official import official_to_flax
 from conftest import official_module
 from experiments.sample_image import synthetic_image
-from sam_jax import amg
-from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator, _predict_batch
+from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator, predict_point_batch
 from sam_jax.modeling import Sam, postprocess_masks
+from sam_jax.predictor import SamPredictor
+from sam_jax.utils import amg
 
 # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -166,12 +167,11 @@ def test_generate_matches_official(structured, setting):
 def test_vmapped_chunks_equal_one_at_a_time(structured):
     """The accelerator path (`_mask_chunk` > 1: vmapped chunks, no skipping) on CPU."""
     config, _, params = structured
-    generator = SamAutomaticMaskGenerator(Sam(config), params)
-    generator.predictor.set_image(IMAGE)
-    p = generator.predictor
+    p = SamPredictor(Sam(config), params)
+    p.set_image(IMAGE)
     points = np.random.default_rng(4).uniform(0, 256, (6, 2)).astype(np.float32)
     valid = np.array([True] * 5 + [False])
-    run = lambda chunk: _predict_batch(p.model, p.params, p.features, points, valid, np.float32(0.03), 0.1,
+    run = lambda chunk: predict_point_batch(p.model, p.params, p.features, points, valid, np.float32(0.03), 0.1,
                                        p.input_size, IMAGE.shape[:2], chunk)
     (iou, *one), (iou_chunked, *chunked) = run(1), run(4)  # 18 masks: 4 chunks, the last padded
     np.testing.assert_array_equal(iou, iou_chunked)
@@ -188,9 +188,9 @@ def test_generate_is_repeatable_and_compiles_once_per_crop_size(structured):
                                           pred_iou_thresh=0.0, stability_score_thresh=0.0)
     image = synthetic_image(97, 61, seed=1)  # a crop size no other test compiles for
     first = generator.generate(image)
-    before = _predict_batch._cache_size()
+    before = predict_point_batch._cache_size()
     second = generator.generate(image)  # 16 points in 4 batches, the last one padded
-    assert _predict_batch._cache_size() == before
+    assert predict_point_batch._cache_size() == before
     assert [r["segmentation"].tolist() for r in first] == [r["segmentation"].tolist() for r in second]
     assert len(first) > 0
 

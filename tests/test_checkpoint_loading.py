@@ -1,4 +1,4 @@
-"""Saving and loading converted checkpoints (`sam_jax.checkpoint`): round trips, layouts, strict errors, dtype.
+"""Saving and loading converted checkpoints (`sam_jax.weights`): round trips, layouts, strict errors, dtype.
 
 A checkpoint is `sam_jax.json` (config, layout, source) beside an orbax
 `params/` directory. Loading must give back exactly what was saved, in
@@ -22,8 +22,9 @@ import pytest
 
 from conftest import relative_error
 from sam_jax import CheckpointError, Sam, load_sam, save_params
-from sam_jax import param_layout
-from sam_jax.checkpoint import METADATA_FILE, PARAMS_DIR, flatten, unflatten
+from sam_jax import weights
+from sam_jax.tree_paths import flatten, unflatten
+from sam_jax.weights import METADATA_FILE, PARAMS_DIR
 from sam_jax.configs import get_config
 
 SCAN_TOLERANCE = 1e-6
@@ -63,8 +64,8 @@ def saved(tiny, tmp_path_factory) -> dict[str, Path]:
     config, _, params = tiny
     root = tmp_path_factory.mktemp("checkpoints")
     return {
-        param_layout.LOOPED: save_params(root / "looped", params, config, source="test"),
-        param_layout.SCANNED: save_params(root / "scanned", param_layout.to_scanned(params, config), config),
+        weights.LOOPED: save_params(root / "looped", params, config, source="test"),
+        weights.SCANNED: save_params(root / "scanned", weights.to_scanned(params, config), config),
     }
 
 
@@ -81,15 +82,15 @@ def test_round_trip(tiny, saved):
 
 
 @pytest.mark.parametrize("scan_blocks", [False, True], ids=["load_looped", "load_scanned"])
-@pytest.mark.parametrize("saved_layout", param_layout.LAYOUTS)
+@pytest.mark.parametrize("saved_layout", weights.LAYOUTS)
 def test_layouts(tiny, saved, saved_layout, scan_blocks):
     config, _, params = tiny
     assert read_metadata(saved[saved_layout])["layout"] == saved_layout
     model, loaded = load_sam(saved[saved_layout], scan_blocks=scan_blocks)
     assert model.scan_blocks == scan_blocks
-    wanted = param_layout.SCANNED if scan_blocks else param_layout.LOOPED
-    assert param_layout.layout_of(loaded) == wanted
-    expected = param_layout.to_layout(params, config, wanted)
+    wanted = weights.SCANNED if scan_blocks else weights.LOOPED
+    assert weights.layout_of(loaded) == wanted
+    expected = weights.to_layout(params, config, wanted)
     assert_params_equal(loaded, expected, f"saved {saved_layout}, loaded {wanted}")
 
 

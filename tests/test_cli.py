@@ -35,7 +35,7 @@ from PIL import Image
 
 from experiments.sample_image import synthetic_image
 from sam_jax import SamPredictor, load_sam, save_params
-from sam_jax.checkpoint import flatten
+from sam_jax.tree_paths import flatten
 from sam_jax.cli import main
 from sam_jax.cli import segment as segment_cli
 from sam_jax.folder_runner import TEMP_MARK
@@ -278,7 +278,7 @@ def test_amg_rle_and_folder(capsys, checkpoint, folder, tmp_path, generator_reco
 
 def test_amg_kwargs_are_the_given_flags():
     from sam_jax.cli import build_parser
-    from sam_jax.cli.generate import amg_kwargs
+    from sam_jax.cli.amg import amg_kwargs
 
     args = build_parser().parse_args(["amg", "--checkpoint", "c", "--input", "i", "--output", "o",
                                       "--points-per-side", "8", "--crop-overlap-ratio", "0.25",

@@ -32,13 +32,13 @@ import torch
 import transformers
 
 from checkpoints_convert import reference_model
-from conftest import relative_error, report
-from checkpoints_convert import convert
 from checkpoints_convert.convert import convert_checkpoint, main
 from checkpoints_convert.official import detect_config, flax_to_official, official_to_flax
-from sam_jax import CheckpointError, Sam, load_sam
-from sam_jax.checkpoint import METADATA_FILE, abstract_params, check_params_match, flatten
+from conftest import relative_error, report
+from sam_jax import CheckpointError, Sam, load_sam, weights
 from sam_jax.configs import SamConfig, get_config
+from sam_jax.tree_paths import flatten
+from sam_jax.weights import METADATA_FILE, abstract_params, check_params_match
 from test_huggingface_mapping import randomise_hf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -339,12 +339,12 @@ def test_existing_output_is_untouched(tiny_pth, tmp_path, capsys):
 
 
 def test_failure_while_saving_leaves_nothing(tiny_pth, tmp_path, monkeypatch):
-    def half_save(directory, *args, **kwargs):
+    def half_save(self, directory, *args, **kwargs):  # the params' write fails halfway
         Path(directory).mkdir()
         (Path(directory) / "partial").write_bytes(b"\0" * 100)
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(convert, "save_params", half_save)
+    monkeypatch.setattr(weights.ocp.PyTreeCheckpointer, "save", half_save)
     out = tmp_path / "out" / "ckpt"
     with pytest.raises(RuntimeError, match="disk full"):
         convert_checkpoint(tiny_pth, out)

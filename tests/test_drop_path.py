@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import relative_error
-from sam_jax import param_layout
+from sam_jax import weights
 from sam_jax.configs import get_config
 from sam_jax.modeling import Sam, image_encoder
 from sam_jax.modeling.image_encoder import drop_path, drop_path_rates
@@ -87,7 +87,7 @@ def test_blocks_use_their_absolute_index_rate(params, scan_blocks, monkeypatch):
         return drop_path(branch, rate, rng)
 
     monkeypatch.setattr(image_encoder, "drop_path", recording)
-    p = param_layout.to_scanned(params, CONFIG) if scan_blocks else params
+    p = weights.to_scanned(params, CONFIG) if scan_blocks else params
     model = Sam(CONFIG, scan_blocks=scan_blocks, drop_path_rate=RATE)
     encode = jax.jit(lambda p, x, key: model.apply(
         {"params": p}, x, False, method=Sam.encode_image, rngs={"dropout": key}))
@@ -106,7 +106,7 @@ def test_deterministic_is_the_inference_graph_and_ignores_the_rng(params):
 
     def graph(rate, deterministic, scan_blocks=False):
         model = Sam(CONFIG, scan_blocks=scan_blocks, drop_path_rate=rate)
-        p = param_layout.to_scanned(params, CONFIG) if scan_blocks else params
+        p = weights.to_scanned(params, CONFIG) if scan_blocks else params
         return str(jax.make_jaxpr(lambda q, k: _apply(model, q, IMAGES, deterministic, k))(p, key))
 
     # The same program as without drop path: deterministic (either layout), or training at rate 0.
@@ -143,7 +143,7 @@ def test_training_mode_needs_a_dropout_rng_and_a_valid_rate(params):
 
 
 def test_looped_and_scanned_both_train_and_agree_when_deterministic(params):
-    scanned_params = param_layout.to_scanned(params, CONFIG)
+    scanned_params = weights.to_scanned(params, CONFIG)
     looped, scanned = _encoder(), _encoder(scan_blocks=True)
     key = jax.random.PRNGKey(1)
     looped_inference = looped(params, IMAGES, True, key)
@@ -161,7 +161,7 @@ def test_looped_and_scanned_both_train_and_agree_when_deterministic(params):
 
 def test_training_gradients_flow_and_remat_redraws_the_same_masks(params):
     """Scanned + remat: the recomputed forward must draw the masks of the first one."""
-    p = param_layout.to_scanned(params, CONFIG)
+    p = weights.to_scanned(params, CONFIG)
     key = jax.random.PRNGKey(4)
 
     def grads(remat_policy):

@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sam_jax.modeling.interpolate import resize_bilinear
 from sam_jax.training.losses import (
     actual_iou,
     dice_loss,
     iou_prediction_loss,
     sam_loss,
     sigmoid_focal_loss,
-    upsample_logits,
 )
 
 LN3 = math.log(3.0)
@@ -389,9 +389,10 @@ def test_jit_and_vmap():
     np.testing.assert_allclose(per_image, expected, rtol=1e-6)
 
 
-def test_upsample_logits_matches_torch():
+def test_upsampling_to_the_loss_resolution_matches_torch():
+    """Low-res logits reach the loss resolution as SAM 2 brings them there (F.interpolate)."""
     low = np.random.default_rng(2).normal(size=(2, 3, 4, 5)).astype(np.float32)
-    ours = jax.jit(upsample_logits, static_argnums=1)(low, (16, 20))
+    ours = jax.jit(resize_bilinear, static_argnums=1)(low, (16, 20))
     ref = F.interpolate(torch.tensor(low), (16, 20), mode="bilinear", align_corners=False)
     np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-6, atol=1e-6)
 

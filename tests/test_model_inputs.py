@@ -78,7 +78,7 @@ def test_decode_in_chunks_equals_one_decode(tiny, prompt):
 
 def test_decoder_chunk_keeps_the_released_decoder_in_cache_on_the_cpu():
     from sam_jax.configs import get_config
-    from sam_jax.modeling.sam import decoder_chunk
+    from sam_jax.modeling import decoder_chunk
 
     assert decoder_chunk(get_config("vit_b"), 64) == 2  # 2 x (64, 64, 256) fp32 = 8 MiB
     assert decoder_chunk(get_config("vit_tiny"), 64) == 64

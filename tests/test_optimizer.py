@@ -12,8 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from sam_jax import param_layout
-from sam_jax.checkpoint import abstract_params
+from sam_jax import weights
+from sam_jax.weights import abstract_params
 from sam_jax.configs import CONFIGS, get_config
 from sam_jax.training.optimizer import (
     FROZEN,
@@ -72,7 +72,7 @@ def stepper(config: OptimizerConfig, scan_blocks: bool):
 
 def run(config, params, grads_seq):
     """Applies the grads in turn: (final params, [updates of each step], final state), numpy."""
-    optimizer, update = stepper(config, param_layout.layout_of(params) == param_layout.SCANNED)
+    optimizer, update = stepper(config, weights.layout_of(params) == weights.SCANNED)
     state = optimizer.init(params)
     updates_seq = []
     for grads in grads_seq:
@@ -200,7 +200,7 @@ def test_layer_ids_and_scales_scanned():
 def test_scanned_per_slice_scales_equal_looped_per_block_scales(abstract):
     looped = layer_scales(abstract, TINY, 0.6)
     as_leaves = jax.tree.map(lambda s: np.full((1,), s, np.float32), looped)  # to stack
-    restacked = flat(param_layout.to_scanned(as_leaves, TINY))
+    restacked = flat(weights.to_scanned(as_leaves, TINY))
     scanned = flat(layer_scales(abstract_params(TINY, scan_blocks=True), TINY, 0.6))
     assert restacked.keys() == scanned.keys()
     for path, want in restacked.items():
@@ -209,8 +209,8 @@ def test_scanned_per_slice_scales_equal_looped_per_block_scales(abstract):
 
 def test_scanned_update_equals_looped_update(trees, base_run):
     """Two steps from the same params and grads: the layouts agree leaf for leaf."""
-    to_scanned = lambda t: param_layout.to_scanned(t, TINY)
-    to_looped = lambda t: param_layout.to_looped(t, TINY)
+    to_scanned = lambda t: weights.to_scanned(t, TINY)
+    to_looped = lambda t: weights.to_looped(t, TINY)
     params, g1, g2 = map(to_scanned, trees)
     assert jax.tree.structure(params) == jax.tree.structure(abstract_params(TINY, scan_blocks=True))
     final, updates, _ = run(BASE, params, [g1, g2])
@@ -240,7 +240,7 @@ def test_scales_must_match_the_layout(abstract):
     grads = random_tree(abstract, 0)  # looped
     with pytest.raises(ValueError, match="no scale for image_encoder/blocks_0"):
         scale_by_layer(scales).update(grads, optax.EmptyState())
-    wrong_groups = param_layout.to_scanned(grads, TINY)
+    wrong_groups = weights.to_scanned(grads, TINY)
     norm1 = wrong_groups["image_encoder"]["block_groups"]["blocks_0"]["norm1"]
     norm1["scale"] = np.ones((3, 32), np.float32)
     with pytest.raises(ValueError, match="should lead with 2 groups"):

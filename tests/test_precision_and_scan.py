@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import relative_error
-from sam_jax import param_layout
+from sam_jax import weights
 from sam_jax.modeling import Sam
 
 rng = np.random.default_rng(0)
@@ -61,12 +61,12 @@ def test_bf16_runs_matmuls_in_bf16_and_reductions_in_fp32(tiny):
 def test_scanned_blocks_equal_looped_blocks(tiny):
     config, _, params = tiny
     image = _image(config)
-    scanned_params = param_layout.to_scanned(params, config)
-    assert param_layout.layout_of(scanned_params) == param_layout.SCANNED
+    scanned_params = weights.to_scanned(params, config)
+    assert weights.layout_of(scanned_params) == weights.SCANNED
     looped = _encode(config, params, image)
     scanned = _encode(config, scanned_params, image, scan_blocks=True)
     assert relative_error(scanned, looped) < 1e-6
-    back = param_layout.to_looped(scanned_params, config)
+    back = weights.to_looped(scanned_params, config)
     jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
 
 
@@ -75,7 +75,7 @@ def test_remat_gives_the_same_gradients(tiny, scan_blocks):
     config, _, params = tiny
     image = _image(config)
     if scan_blocks:
-        params = param_layout.to_scanned(params, config)
+        params = weights.to_scanned(params, config)
 
     def grads(remat_policy):
         loss = lambda p: jnp.sum(

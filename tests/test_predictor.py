@@ -17,7 +17,8 @@ from conftest import official_module, relative_error
 from experiments.sample_image import synthetic_image
 from sam_jax.modeling import Sam
 from sam_jax.modeling.prompt_encoder import PADDING
-from sam_jax.predictor import SamPredictor, _decode
+from sam_jax.modeling import decode_prompts
+from sam_jax.predictor import SamPredictor
 
 
 @pytest.fixture(scope="module")
@@ -151,13 +152,13 @@ def test_growing_click_counts_compile_once_per_bucket(tiny):
     rng = np.random.default_rng(3)
     clicks = rng.uniform(0, 76, (9, 2))
     ours.predict(point_coords=clicks[:1], point_labels=np.ones(1))  # bucket 1, compiled
-    before = _decode._cache_size()
+    before = decode_prompts._cache_size()
     for n in range(2, 10):  # buckets 2, 4, 8, 16: four compilations for eight click counts
         ours.predict(point_coords=clicks[:n], point_labels=np.ones(n))
-    assert _decode._cache_size() - before == 4
+    assert decode_prompts._cache_size() - before == 4
     for n in range(1, 10):  # all cached now
         ours.predict(point_coords=clicks[:n], point_labels=np.ones(n))
-    assert _decode._cache_size() - before == 4
+    assert decode_prompts._cache_size() - before == 4
     for b in (3, 4):  # 3 and 4 prompts share a bucket
         ours.predict_batch(boxes=np.tile([[10.0, 10.0, 200.0, 200.0]], (b, 1)))
-    assert _decode._cache_size() - before == 5
+    assert decode_prompts._cache_size() - before == 5

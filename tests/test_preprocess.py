@@ -163,12 +163,12 @@ def test_bad_image_is_named():
 @pytest.mark.parametrize("seed", range(40))
 def test_mask_resampled_around_its_box_equals_the_whole_mask_resampled(seed):
     from sam_jax.data import rle
-    from sam_jax.data.preprocess import _sample_geometry
+    from sam_jax.data.preprocess import sample_geometry
 
     rng = np.random.default_rng(seed)
     h, w = (int(v) for v in rng.integers(40, 400, size=2))
     config = PreprocessConfig(image_size=128, low_res_size=32, scale_range=(0.1, 2.5), horizontal_flip=True)
-    geometry = _sample_geometry(h, w, config, rng)
+    geometry = sample_geometry(h, w, config, rng)
     for _ in range(6):
         mask = np.zeros((h, w), bool)
         x0, y0 = int(rng.integers(0, w - 2)), int(rng.integers(0, h - 2))

@@ -1,4 +1,4 @@
-"""TrainCheckpointer: exact resume of (train state, input iterator state, meta).
+"""TrainStateCheckpointer: exact resume of (train state, input iterator state, meta).
 
 In process on the one CPU device: bit-identical round trips of a realistic state
 (a flax struct with params, a multi_transform/adamw optax state after real
@@ -23,7 +23,7 @@ import pytest
 
 from device_workers import run_workers
 from sam_jax.errors import CheckpointError
-from sam_jax.training.checkpointing import TrainCheckpointer
+from sam_jax.training.state_checkpoints import TrainStateCheckpointer
 
 WORKER = os.path.join(os.path.dirname(__file__), "train_checkpoint_worker.py")
 
@@ -111,7 +111,7 @@ def test_round_trip_is_bit_identical(tmp_path, typed_key):
     assert isinstance(state.opt_state.inner_states["frozen"], optax.MaskedState)
     data_state = {"next_index": 8, "worker": {"epoch": 1, "order": [3, 1, 2]}}
     meta = {"config": {"model": "vit_tiny", "lr": 1e-3}}
-    with TrainCheckpointer(tmp_path, async_save=False) as ckpt:
+    with TrainStateCheckpointer(tmp_path, async_save=False) as ckpt:
         assert ckpt.save(7, state, data_state, meta=meta)
         restored, restored_data, restored_meta = ckpt.restore(abstract_of(state))
         again, _, _ = ckpt.restore(state)  # concrete arrays as the template work too
@@ -130,7 +130,7 @@ def test_round_trip_is_bit_identical(tmp_path, typed_key):
 
 def test_async_save_is_restorable_after_wait_and_on_close(tmp_path):
     states = {step: make_state(seed=step) for step in (1, 2)}
-    ckpt = TrainCheckpointer(tmp_path, async_save=True)
+    ckpt = TrainStateCheckpointer(tmp_path, async_save=True)
     assert ckpt.save(1, states[1], {"next_index": 1})
     ckpt.wait_until_finished()
     assert step_dirs(tmp_path) == [1]
@@ -142,23 +142,23 @@ def test_async_save_is_restorable_after_wait_and_on_close(tmp_path):
         restored, _, _ = ckpt.restore(abstract_of(states[1]))  # right after an async save
         assert_bit_identical(restored, states[1])
         assert ckpt.save(4, states[2], {"next_index": 4})
-    restored, data_state, _ = TrainCheckpointer(tmp_path).restore(abstract_of(states[2]))
+    restored, data_state, _ = TrainStateCheckpointer(tmp_path).restore(abstract_of(states[2]))
     assert_bit_identical(restored, states[2])
     assert data_state == {"next_index": 4}
 
 
 def test_keeps_only_the_last_n(tmp_path):
     state = make_state(steps=0)
-    with TrainCheckpointer(tmp_path, max_to_keep=2) as ckpt:
+    with TrainStateCheckpointer(tmp_path, max_to_keep=2) as ckpt:
         for step in range(1, 6):
             assert ckpt.save(step, state, {"next_index": step})
     assert step_dirs(tmp_path) == [4, 5]
-    assert TrainCheckpointer(tmp_path).all_steps() == [4, 5]
+    assert TrainStateCheckpointer(tmp_path).all_steps() == [4, 5]
 
 
 def test_save_interval_and_force(tmp_path):
     state = make_state(steps=0)
-    with TrainCheckpointer(tmp_path, save_interval_steps=5, async_save=False) as ckpt:
+    with TrainStateCheckpointer(tmp_path, save_interval_steps=5, async_save=False) as ckpt:
         saved = [step for step in range(1, 12) if ckpt.save(step, state, {})]
         assert ckpt.save(13, state, {}, force=True)
     assert saved == [1, 5, 10]  # the first save always happens, then every 5th step
@@ -191,8 +191,8 @@ def test_non_finite_state_is_never_written(tmp_path, caplog, where, expected_pat
             "trainable": state.opt_state.inner_states["trainable"]._replace(inner_state=inner),
         })
         state = state.replace(opt_state=opt_state)
-    with caplog.at_level(logging.WARNING, logger="sam_jax.training.checkpointing"):
-        with TrainCheckpointer(tmp_path) as ckpt:
+    with caplog.at_level(logging.WARNING, logger="sam_jax.training.state_checkpoints"):
+        with TrainStateCheckpointer(tmp_path) as ckpt:
             assert not ckpt.save(3, state, {"next_index": 3})
             assert not ckpt.save(4, state, {"next_index": 4}, force=True)
             assert ckpt.latest_step() is None
@@ -203,11 +203,11 @@ def test_non_finite_state_is_never_written(tmp_path, caplog, where, expected_pat
 
 def test_resume_picks_the_latest_step(tmp_path):
     states = {step: make_state(seed=step, steps=step) for step in (10, 20, 30)}
-    with TrainCheckpointer(tmp_path) as ckpt:
+    with TrainStateCheckpointer(tmp_path) as ckpt:
         for step, state in states.items():
             assert ckpt.save(step, state, {"next_index": step * 4}, meta={"step": step})
     abstract = abstract_of(states[10])
-    resumed = TrainCheckpointer(tmp_path)  # a new run in the same work directory
+    resumed = TrainStateCheckpointer(tmp_path)  # a new run in the same work directory
     assert resumed.latest_step() == 30
     state, data_state, meta = resumed.restore(abstract)
     assert_bit_identical(state, states[30])
@@ -224,7 +224,7 @@ def test_restore_onto_a_given_sharding(tmp_path):
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(device)), state
     )
-    with TrainCheckpointer(tmp_path) as ckpt:
+    with TrainStateCheckpointer(tmp_path) as ckpt:
         ckpt.save(1, state, {})
         ckpt.wait_until_finished()
         restored, _, _ = ckpt.restore(target)
@@ -253,7 +253,7 @@ def test_sharded_state_restores_onto_another_mesh(tmp_path, num_processes, devic
 
 def test_mismatching_structure_is_a_clear_error(tmp_path):
     state = make_state()
-    with TrainCheckpointer(tmp_path, async_save=False) as ckpt:
+    with TrainStateCheckpointer(tmp_path, async_save=False) as ckpt:
         ckpt.save(3, state, {})
         abstract = abstract_of(state)
         kernel = abstract.params["mask_decoder"]["iou_head"]["kernel"]
@@ -283,4 +283,4 @@ def test_mismatching_structure_is_a_clear_error(tmp_path):
         with pytest.raises(FileNotFoundError, match=re.escape(missing)):
             ckpt.restore(abstract, step=4)
     with pytest.raises(FileNotFoundError, match=re.escape(f"no checkpoint to restore in {tmp_path}/empty/checkpoints")):
-        TrainCheckpointer(tmp_path / "empty").restore(abstract)
+        TrainStateCheckpointer(tmp_path / "empty").restore(abstract)

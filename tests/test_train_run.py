@@ -16,7 +16,7 @@ from PIL import Image
 from experiments import train
 from experiments.train_configs import get_config
 from sam_jax import load_sam
-from sam_jax.checkpoint import flatten
+from sam_jax.tree_paths import flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,12 +26,12 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("jax_cache"))
 
 
-def run_train(workdir, synthetic_data_dir, cache_dir, *overrides, wait=True):
+def run_train(workdir, synthetic_data_dir, cache_dir, *overrides, wait=True, env=None):
     command = [sys.executable, "-m", "experiments.train", "--config", "synthetic_smoke", "--workdir", str(workdir),
                "--data-dir", synthetic_data_dir, "--compilation-cache", cache_dir, "--no-progress"]
     for override in overrides:
         command += ["--set", override]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     if not wait:
         return process
     out, err = process.communicate(timeout=900)
@@ -212,7 +212,7 @@ def test_every_process_input_state_is_gathered_for_the_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("num_correction_points, num_mask_only", [(0, 0), (8, 2)])
 def test_curves_are_drawn_for_any_number_of_iterations(tmp_path, num_correction_points, num_mask_only):
-    from experiments import training_report
+    from sam_jax.training import report as training_report
     from sam_jax.training.interactive import InteractiveConfig
 
     interactive = InteractiveConfig(num_correction_points=num_correction_points, num_mask_only=num_mask_only)

@@ -14,7 +14,7 @@ import device_workers
 from sam_jax.configs import get_config
 from sam_jax.modeling import Sam
 from sam_jax.training.interactive import InteractiveConfig
-from sam_jax.training.optimizer import OptimizerConfig, make_optimizer
+from sam_jax.training.optimizer import OptimizerConfig
 from sam_jax.training.train_step import create_train_state, make_train_step
 
 GLOBAL_BATCH = 8
@@ -41,9 +41,8 @@ def setup():
         jnp.zeros((1, 1, low, low)),
     )["params"]
     opt_config = OptimizerConfig(learning_rate=1e-3, warmup_steps=0, decay_steps=(), layer_decay=0.8, weight_decay=0.1)
-    optimizer = make_optimizer(opt_config, params, config)
     interactive = InteractiveConfig(num_correction_points=1, num_mask_only=1)
-    return model, optimizer, interactive, create_train_state(params, optimizer, seed=0)
+    return model, opt_config, interactive, create_train_state(params, opt_config, config, seed=0)
 
 
 def make_batch(seed: int, b: int = GLOBAL_BATCH, t: int = 128, low: int = 32):
@@ -67,8 +66,8 @@ def make_batch(seed: int, b: int = GLOBAL_BATCH, t: int = 128, low: int = 32):
 
 @pytest.fixture(scope="module")
 def jitted_step():
-    model, optimizer, interactive, _ = setup()
-    return jax.jit(make_train_step(model, optimizer, interactive))
+    model, opt_config, interactive, _ = setup()
+    return jax.jit(make_train_step(model, opt_config, interactive))
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import official_module
-from sam_jax.transforms import ResizeLongestSide
+from sam_jax.utils.transforms import ResizeLongestSide
 
 SIZES = [(600, 800), (800, 600), (1500, 2250), (333, 1000), (1024, 1024), (7, 3000), (1, 1), (479, 640)]
 rng = np.random.default_rng(0)

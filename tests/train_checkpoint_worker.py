@@ -25,7 +25,7 @@ import optax  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from sam_jax.training.checkpointing import TrainCheckpointer  # noqa: E402
+from sam_jax.training.state_checkpoints import TrainStateCheckpointer  # noqa: E402
 
 assert jax.device_count() == 8, jax.devices()
 workdir = os.path.join(os.path.dirname(args.out), "work")
@@ -58,7 +58,7 @@ def build(mesh, specs):
 saved = build(save_mesh, {"w": P("x", None), "b": P(), "rng": P("x")})
 poisoned = dict(saved, params=dict(saved["params"], w=saved["params"]["w"].at[15, 5].set(jnp.nan)))
 
-with TrainCheckpointer(workdir, max_to_keep=2) as ckpt:
+with TrainStateCheckpointer(workdir, max_to_keep=2) as ckpt:
     nan_refused = not ckpt.save(4, poisoned, {"next_index": 0})  # the NaN lies in the last shard only
     assert ckpt.save(5, saved, {"next_index": 40})
 
@@ -66,7 +66,7 @@ with TrainCheckpointer(workdir, max_to_keep=2) as ckpt:
 wanted = {"w": P("b", "a"), "b": P("a"), "rng": P("b")}
 template = build(restore_mesh, wanted)
 abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
-with TrainCheckpointer(workdir) as ckpt:
+with TrainStateCheckpointer(workdir) as ckpt:
     steps = ckpt.all_steps()
     restored, data_state, _ = ckpt.restore(abstract)
     try:  # on several devices, a leaf without a sharding is an error, not orbax's guess

@@ -31,7 +31,7 @@ def main() -> None:
     from test_train_step import GLOBAL_BATCH, make_batch, setup
     from sam_jax.training.train_step import make_train_step, pmap_train_step, sharded_train_step
 
-    model, optimizer, interactive, state = setup()
+    model, opt_config, interactive, state = setup()
     state = jax.device_get(state)  # host copies: the steps donate their device buffers
     batches = [make_batch(seed) for seed in range(STEPS)]
     results = {}
@@ -42,7 +42,7 @@ def main() -> None:
 
     # Mesh over every device of every process; each process passes its slice of the global batch.
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    step, shardings = sharded_train_step(make_train_step(model, optimizer, interactive), jax.eval_shape(lambda: state), mesh)
+    step, shardings = sharded_train_step(make_train_step(model, opt_config, interactive), jax.eval_shape(lambda: state), mesh)
     sharded = jax.tree.map(
         lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: np.asarray(x)[index]), state, shardings
     )
@@ -63,7 +63,7 @@ def main() -> None:
 
     if jax.process_count() == 1:
         devices = jax.local_device_count()
-        pstep = pmap_train_step(make_train_step(model, optimizer, interactive, axis_name="devices"))
+        pstep = pmap_train_step(make_train_step(model, opt_config, interactive, axis_name="devices"))
         replicated = jax_utils.replicate(state)
         for batch in batches:
             split = jax.tree.map(lambda x: x.reshape((devices, -1) + x.shape[1:]), batch)

@@ -16,13 +16,10 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
 from typing import NoReturn, Optional
 
-from sam_jax import param_layout
-from sam_jax.cli import generate, segment
+from sam_jax.cli import amg, segment
 from sam_jax.cli.common import PROG, UsageError
-from sam_jax.configs import CONFIGS
 from sam_jax.errors import CheckpointError
 
 __all__ = ["main"]
@@ -38,35 +35,24 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _convert(args: argparse.Namespace) -> int:
-    from checkpoints_convert.convert import convert_checkpoint
-
-    start = time.perf_counter()
-    config = convert_checkpoint(args.source, args.output, args.model_type, args.layout)
-    print(f"converted {args.source} ({config.name}, {args.layout}) -> {args.output} "
-          f"in {time.perf_counter() - start:.1f} s")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                      epilog=f"`{PROG} <command> --help` for each command's options.")
     subparsers = parser.add_subparsers(dest="command", metavar="{segment,amg,convert}", required=True)
     segment.add_parser(subparsers)
-    generate.add_parser(subparsers)
-    convert = subparsers.add_parser(
-        "convert", help="official .pth or Hugging Face weights -> a sam_jax checkpoint folder",
-        description="Converts official SAM `.pth` or Hugging Face SAM weights into a new sam_jax "
-                    "checkpoint folder (checkpoints_convert.convert). The model type is read off the "
-                    "tensor shapes; the folder appears only when conversion succeeded. No torch needed.")
-    convert.add_argument("source", help="official .pth, HF .safetensors/.bin, or HF model directory")
-    convert.add_argument("output", help="new directory for the converted checkpoint")
-    convert.add_argument("--model-type", choices=sorted(CONFIGS),
-                         help="fail unless the checkpoint is this model")
-    convert.add_argument("--layout", choices=param_layout.LAYOUTS, default=param_layout.LOOPED,
-                         help="encoder block layout: looped (inference) or scanned (Sam(scan_blocks=True))")
-    convert.set_defaults(run=_convert)
+    amg.add_parser(subparsers)
+    add_convert_parser(subparsers)
     return parser
+
+
+def add_convert_parser(subparsers) -> None:
+    """`sam-jax convert`: `python -m checkpoints_convert.convert`'s arguments and run."""
+    from checkpoints_convert import convert
+
+    parser = subparsers.add_parser("convert", help="official .pth or Hugging Face weights -> a sam_jax checkpoint folder",
+                                   description=convert.DESCRIPTION)
+    convert.add_arguments(parser)
+    parser.set_defaults(run=convert.run)
 
 
 def _join_negative_values(argv: list[str]) -> list[str]:

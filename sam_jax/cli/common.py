@@ -1,4 +1,5 @@
-"""What the `sam-jax` subcommands share: input listing, checkpoint checks, argument types."""
+"""What the `sam-jax` subcommands share: the folder-run skeleton, input listing, checkpoint checks,
+argument types and help texts."""
 
 from __future__ import annotations
 
@@ -7,14 +8,13 @@ import math
 import sys
 import textwrap
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-from sam_jax.checkpoint import load_sam, read_metadata
 from sam_jax.configs import CONFIGS
 from sam_jax.errors import CheckpointError
-from sam_jax.folder_runner import Job
+from sam_jax.folder_runner import FolderRunner, Job, exit_code, report
 from sam_jax.image_io import list_images
-from sam_jax.predictor import SamPredictor
+from sam_jax.weights import read_metadata
 
 PROG = "sam-jax"
 
@@ -77,6 +77,37 @@ def check_checkpoint(path: str, model_type: Optional[str] = None) -> dict:
     return metadata
 
 
+def run_images(args: argparse.Namespace, images: list[Path], single: bool, *, suffix: str, kind: str,
+               is_complete: Callable[[Path], bool], prepare: Callable[[Path], Any],
+               load: Callable[[dict], Any], process: Callable[[Path, Any, Path, Any], None], desc: str) -> int:
+    """The run of `segment` and `amg` over resolved input images; returns the exit status.
+
+    Checks the outputs' names and the checkpoint, skips finished images, and for a
+    single input image runs `prepare(source)` (reading it, raising ValueError) before the
+    model loads, so that its problems are fatal and cheap. Then `load(checkpoint
+    metadata)` makes the model (only if there is work) and each image's output is written
+    atomically by `process(source, prepared, output path, model)` under a FolderRunner
+    (`kind`, `is_complete`: see FolderRunner).
+    """
+    jobs = make_jobs(images, args.output, suffix)
+    metadata = check_checkpoint(args.checkpoint, args.model_type)
+    runner = FolderRunner(args.output, kind, is_complete, args.overwrite)
+    pending, skipped = runner.pending(jobs)
+    if single:
+        for job in pending:
+            job.data = prepare(job.source)
+    model = load(metadata) if pending else None
+
+    def run_one(job: Job, output: Path) -> None:
+        prepared = job.data if job.data is not None else prepare(job.source)
+        job.data = None  # free the image once used
+        process(job.source, prepared, output, model)
+
+    summary = runner.run(pending, run_one, desc=desc, skipped=skipped)
+    report(summary, Path(args.output))
+    return exit_code(summary)
+
+
 # ----------------------------------------------------------------------------- argument types
 
 
@@ -136,6 +167,15 @@ def epilog(doc: str) -> str:
     return f"{doc.split(chr(10), 2)[2].strip()}\n\n{IMAGE_HELP}\n\n{RUN_HELP}"
 
 
+def add_command(subparsers, name: str, help: str, doc: str) -> argparse.ArgumentParser:
+    """A subcommand over images: help texts from its module docstring `doc`, and the
+    --checkpoint / --input / --output / --model-type / --overwrite arguments."""
+    parser = subparsers.add_parser(name, help=help, description=description(doc), epilog=epilog(doc),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_io_arguments(parser)
+    return parser
+
+
 def add_io_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
                         help=f"a converted sam_jax checkpoint folder (make one with `{PROG} convert`)")
@@ -147,7 +187,3 @@ def add_io_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="redo images whose output already exists (default: skip them)")
 
-
-def load_predictor(checkpoint: str) -> SamPredictor:
-    """A SamPredictor on the checkpoint (strict load; CheckpointError on any mismatch)."""
-    return SamPredictor(*load_sam(checkpoint))

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from sam_jax.cli.prompts import Prompt
+from sam_jax.cli.prompt_args import Prompt
 
 MASK_COLOURS = ((30, 144, 255), (255, 140, 0), (186, 85, 211), (0, 200, 200))
 FOREGROUND, BACKGROUND, BOX = (0, 220, 0), (230, 30, 30), (255, 215, 0)

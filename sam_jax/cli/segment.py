@@ -21,21 +21,16 @@ from PIL import Image
 
 from sam_jax.cli import common
 from sam_jax.cli.overlay import overlay
-from sam_jax.cli.prompts import Prompt, prompt_from_args, read_prompts_file
-from sam_jax.folder_runner import FolderRunner, Job, exit_code, report
+from sam_jax.cli.prompt_args import Prompt, prompt_from_args, read_prompts_file
 from sam_jax.image_io import read_image
+from sam_jax.predictor import SamPredictor
+from sam_jax.weights import load_sam
 
 RESULT_FILE = "result.json"
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "segment", help="masks from point and box prompts",
-        description=common.description(__doc__),
-        epilog=common.epilog(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    common.add_io_arguments(parser)
+    parser = common.add_command(subparsers, "segment", "masks from point and box prompts", __doc__)
     prompt = parser.add_argument_group("prompt (pixels in the original image)")
     prompt.add_argument("--point-coords", metavar="'x,y;x,y'", help="points, ';'-separated")
     prompt.add_argument("--point-labels", metavar="'1,0'",
@@ -63,29 +58,24 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"no prompt for {image.name} in {args.prompts} and none on the command line")
         return prompt
 
-    jobs = common.make_jobs(images, args.output)
-    metadata = common.check_checkpoint(args.checkpoint, args.model_type)
-    runner = FolderRunner(args.output, "dir", lambda p: (p / RESULT_FILE).is_file(), args.overwrite)
-    pending, skipped = runner.pending(jobs)
-    if single:  # a single input's problems are fatal, and found before the model loads
-        for job in pending:
-            job.data = _prepare(job.source, prompt_for)
-    predictor = common.load_predictor(args.checkpoint) if pending else None
-    model_info = {"checkpoint": str(args.checkpoint), "model_type": metadata["config"]["name"]}
+    model_info = {"checkpoint": str(args.checkpoint)}
 
-    def process(job: Job, folder: Path) -> None:
-        image, mode, prompt = job.data or _prepare(job.source, prompt_for)
-        job.data = None  # free the image once used
+    def load(metadata: dict) -> SamPredictor:
+        model_info["model_type"] = metadata["config"]["name"]
+        return SamPredictor(*load_sam(args.checkpoint))
+
+    def process(source: Path, prepared, folder: Path, predictor: SamPredictor) -> None:
+        image, mode, prompt = prepared
         predictor.set_image(image)
         masks, scores, _ = predictor.predict(
             point_coords=prompt.point_coords, point_labels=prompt.point_labels, box=prompt.box,
             multimask_output=args.multimask,
         )
-        write_result(folder, job.source, image, mode, prompt, masks, scores, args.multimask, model_info)
+        write_result(folder, source, image, mode, prompt, masks, scores, args.multimask, model_info)
 
-    summary = runner.run(pending, process, desc="segment", skipped=skipped)
-    report(summary, Path(args.output))
-    return exit_code(summary)
+    return common.run_images(
+        args, images, single, suffix="", kind="dir", is_complete=lambda p: (p / RESULT_FILE).is_file(),
+        prepare=lambda source: _prepare(source, prompt_for), load=load, process=process, desc="segment")
 
 
 def _prepare(source: Path, prompt_for) -> tuple[np.ndarray, str, Prompt]:

@@ -1,6 +1,6 @@
 """Data: record layout and builders (tensorflow-datasets), bad-record policy, input pipeline.
 
-Reading prepared data needs neither TensorFlow nor this package's builders'
-preparation code: the pipeline reads ArrayRecord files through
-`tfds.data_source` and grain.
+Preparing a data set (the builders) encodes images with TensorFlow; reading
+it does not: `pipeline.open_source` reads the ArrayRecord files through
+`tfds.data_source`, and grain batches them.
 """

@@ -34,6 +34,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sam_jax.data.preprocess import PreprocessConfig, preprocess_record
 
+# Where `python -m experiments.prepare_data` writes prepared data sets and the commands look for them.
+DEFAULT_DATA_DIR = os.path.join("workdir", "tensorflow_datasets")
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:

@@ -71,7 +71,7 @@ class PreprocessConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Geometry:
+class Geometry:
     """Source image (h, w) -> canvas: per-axis scale, crop offset, valid size, flip."""
 
     scale_y: float
@@ -148,14 +148,16 @@ class _Geometry:
         return (x1 > 0) & (y1 > 0) & (x0 < self.valid_w) & (y0 < self.valid_h)
 
 
-def _sample_geometry(h: int, w: int, config: PreprocessConfig, rng: np.random.Generator) -> _Geometry:
+def sample_geometry(h: int, w: int, config: PreprocessConfig, rng: np.random.Generator) -> Geometry:
+    """The placement of an (h, w) source image: longest side to image_size, times a jitter
+    scale from `scale_range`, a random crop where it overflows, a flip with probability 1/2."""
     jitter = 1.0 if config.scale_range is None else float(rng.uniform(*config.scale_range))
     scale = config.image_size / max(h, w) * jitter
     scaled_h, scaled_w = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
     crop_y = int(rng.integers(0, max(scaled_h - config.image_size, 0) + 1))
     crop_x = int(rng.integers(0, max(scaled_w - config.image_size, 0) + 1))
     flip = bool(config.horizontal_flip and rng.random() < 0.5)
-    return _Geometry(
+    return Geometry(
         scale_y=scaled_h / h,
         scale_x=scaled_w / w,
         crop_y=crop_y,
@@ -200,7 +202,7 @@ def preprocess_record(record: Dict[str, Any], config: PreprocessConfig, rng: np.
         raise ValueError(f"record image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
     h, w = image.shape[:2]
     counts = list(record["masks"]["counts"])
-    geometry = _sample_geometry(h, w, config, rng)
+    geometry = sample_geometry(h, w, config, rng)
     size, low = config.image_size, config.low_res_size
     m = config.max_masks
 

@@ -41,10 +41,11 @@ import numpy as np
 
 from sam_jax.evaluation.clicks import next_click
 from sam_jax.evaluation.instances import Instances
-from sam_jax.batch_predictor import decode_batch, encode_batch
-from sam_jax.modeling import Sam
+from sam_jax.metrics import mask_iou
+from sam_jax.modeling import Sam, decode_batch, encode_images, valid_region
+from sam_jax.modeling.interpolate import resize_bilinear
 from sam_jax.modeling.prompt_encoder import FOREGROUND, PADDING
-from sam_jax.training.losses import upsample_logits
+from sam_jax.prompts import bucket
 
 FIRST_CLICKS = ("center", "random")
 REPORTED_CLICKS = (1, 2, 3, 5, 9)  # the paper's columns
@@ -107,22 +108,17 @@ def _predict(model: Sam, params, embeddings, coords, labels, mask_inputs, image_
     """PredictFn of a model on embeddings (B, h, w, D); image_hw (B, 2) is the
     valid size in the T x T frame, outside which masks are False."""
     t = model.config.image_size
-    low_res, iou = decode_batch(model, params, embeddings, coords, labels, None, multimask, mask_inputs)
+    low_res, iou = decode_batch(model, params, embeddings, coords, labels, None, mask_inputs, multimask)
     b, m, c = iou.shape
-    rows = jnp.arange(t)[None, :, None] < image_hw[:, 0, None, None]
-    cols = jnp.arange(t)[None, None, :] < image_hw[:, 1, None, None]
-    inside = rows & cols  # (B, T, T)
-    masks = upsample_logits(low_res.reshape((b * m, c) + low_res.shape[-2:]), (t, t)) > model.config.mask_threshold
-    return masks.reshape(b, m, c, t, t) & inside[:, None, None], iou, low_res
+    masks = resize_bilinear(low_res.reshape((b * m, c) + low_res.shape[-2:]), (t, t)) > model.config.mask_threshold
+    return masks.reshape(b, m, c, t, t) & valid_region(image_hw, t)[:, None, None], iou, low_res
 
 
 @jax.jit
 def _score(masks, scores, low_res, targets):
     """Most confident mask (B, M, T, T), its low-res logits (B, M, 1, L, L), its IoU (B, M)
     and every output's IoU (B, M, C) against targets (B, M, T, T); IoU is 1 where both are empty."""
-    inter = jnp.sum(masks & targets[:, :, None], axis=(-2, -1))
-    union = jnp.sum(masks | targets[:, :, None], axis=(-2, -1))
-    ious = jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)
+    ious = mask_iou(masks, targets[:, :, None])
     best = jnp.argmax(scores, axis=-1)[:, :, None]
     pick = lambda x: jnp.take_along_axis(x, best.reshape(best.shape + (1,) * (x.ndim - 3)), axis=2)
     return pick(masks)[:, :, 0], pick(low_res), pick(ious)[..., 0], ious
@@ -178,7 +174,7 @@ def evaluate_batch(model: Sam, params, batch: Dict[str, np.ndarray], config: Pro
     """The protocol with a model on one batch of preprocessed examples (numpy, masks
     unpacked: (B, M, T, T) bool); the image is encoded once, each click decodes every mask."""
     image_hw = jnp.asarray(batch["image_size"])
-    embeddings = encode_batch(model, params, jnp.asarray(batch["image"]), image_hw)
+    embeddings = encode_images(model, params, jnp.asarray(batch["image"]), image_hw)
 
     def predict(coords, labels, mask_inputs, multimask):
         return _predict(model, params, embeddings, jnp.asarray(coords), jnp.asarray(labels), mask_inputs,
@@ -230,7 +226,7 @@ def _evaluate_group(predictor, group: Sequence[Instances], config: ProtocolConfi
     h = _round_up(max(x.size[0] for x in group), 64)
     w = _round_up(max(x.size[1] for x in group), 64)
     counts = [int((~x.iscrowd).sum()) for x in group]
-    m = 1 << (max(counts) - 1).bit_length()
+    m = bucket(max(counts))
     targets = np.zeros((len(group), m, h, w), bool)
     valid = np.zeros((len(group), m), bool)
     for i, x in enumerate(group):

@@ -8,7 +8,7 @@ Parameter names follow the PyTorch state_dict (`blocks.3.attn.qkv.weight` ->
 `blocks_3/attn/qkv/kernel`), so conversion is a rename plus transposes. With
 `scan_blocks` the blocks run as `nn.scan` over groups of `blocks_per_group`
 (windowed blocks then one global block), and their params are stacked under
-`block_groups/blocks_{j}` with a leading group axis; `sam_jax.param_layout`
+`block_groups/blocks_{j}` with a leading group axis; `sam_jax.weights`
 converts between the two layouts.
 
 Training only: `drop_path_rate` > 0 adds stochastic depth to both residual

@@ -94,10 +94,6 @@ class PromptEncoder(nn.Module):
         self.mask_downscaling_4 = LayerNorm(**kw)
         self.mask_downscaling_6 = PatchConv(self.embed_dim, 1, **kw)
 
-    @property
-    def mask_input_size(self) -> tuple[int, int]:
-        return (4 * self.image_embedding_size[0], 4 * self.image_embedding_size[1])
-
     def get_dense_pe(self) -> jax.Array:
         """(1, h, w, embed_dim) positional encoding of the image embedding grid."""
         return self.pe_layer.dense(self.image_embedding_size)[None]

@@ -160,43 +160,6 @@ class Sam(nn.Module):
         )
 
 
-# The decoder holds several (B, h, w, D) activations per prompt (4 MiB each for the
-# released models); a CPU runs it fastest on chunks of prompts whose activations stay
-# in cache (`experiments.benchmark_inference` times the predictor and the mask generator).
-_CPU_CHUNK_BYTES = 8 * 2**20
-
-
-def decoder_chunk(config: SamConfig, num_prompts: int) -> int:
-    """Prompts `decode_in_chunks` decodes at once: all of them on accelerators; on the
-    CPU as many as keep one (chunk, h, w, D) fp32 activation within 8 MiB."""
-    if jax.default_backend() != "cpu":
-        return max(num_prompts, 1)
-    per_prompt = config.embedding_size**2 * config.prompt_embed_dim * 4
-    return max(1, min(num_prompts, _CPU_CHUNK_BYTES // per_prompt))
-
-
-def decode_in_chunks(model: Sam, params, image_embeddings: jax.Array, point_coords=None, point_labels=None,
-                     boxes=None, mask_inputs=None, multimask_output: bool = True,
-                     chunk: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
-    """`Sam.decode` of B prompts on one image (1, h, w, D), `chunk` prompts at a time
-    (default `decoder_chunk`) under `lax.map`; the same outputs, (B, C, 4h, 4w) and (B, C)."""
-    prompts = (point_coords, point_labels, boxes, mask_inputs)
-    b = next((x.shape[0] for x in prompts if x is not None), 1)
-    chunk = decoder_chunk(model.config, b) if chunk is None else chunk
-
-    def decode(p):
-        return model.apply({"params": params}, image_embeddings, *p, multimask_output, method=Sam.decode)
-
-    if chunk >= b or image_embeddings.shape[0] != 1:
-        return decode(prompts)
-    chunks = -(-b // chunk)
-    # Padding repeats the last prompt: any valid prompt would do; its outputs are dropped.
-    split = lambda x: None if x is None else jnp.concatenate(
-        [x, jnp.repeat(x[-1:], chunks * chunk - b, axis=0)]).reshape(chunks, chunk, *x.shape[1:])
-    low_res, iou = jax.lax.map(decode, tuple(split(x) for x in prompts))
-    return low_res.reshape(-1, *low_res.shape[2:])[:b], iou.reshape(-1, iou.shape[-1])[:b]
-
-
 def preprocess(image: jax.Array, config: SamConfig) -> jax.Array:
     """(H, W, 3) RGB image, H, W <= image_size -> (S, S, 3) normalised, zero-padded fp32."""
     h, w = image.shape[:2]
@@ -221,9 +184,15 @@ def preprocess_padded(images: jax.Array, image_hw: jax.Array, config: SamConfig)
     mean = jnp.asarray(config.pixel_mean, jnp.float32)
     std = jnp.asarray(config.pixel_std, jnp.float32)
     x = (images.astype(jnp.float32) - mean) / std
-    rows = jnp.arange(s)[None, :, None] < image_hw[:, 0, None, None]
-    cols = jnp.arange(s)[None, None, :] < image_hw[:, 1, None, None]
-    return jnp.where((rows & cols)[..., None], x, 0.0)
+    return jnp.where(valid_region(image_hw, s)[..., None], x, 0.0)
+
+
+def valid_region(image_hw: jax.Array, size: int) -> jax.Array:
+    """(B, 2) valid (H, W) sizes -> (B, size, size) bool: True inside each image, False on the
+    zero padding that fills the square frame."""
+    rows = jnp.arange(size)[None, :, None] < image_hw[:, 0, None, None]
+    cols = jnp.arange(size)[None, None, :] < image_hw[:, 1, None, None]
+    return rows & cols
 
 
 def postprocess_masks(

@@ -32,10 +32,12 @@ from typing import Callable, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from sam_jax.modeling import Sam
+from sam_jax.metrics import mask_iou
+from sam_jax.modeling import Sam, decode_batch
+from sam_jax.modeling.interpolate import resize_bilinear
 from sam_jax.modeling.prompt_encoder import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, FOREGROUND, PADDING
 from sam_jax.training import prompt_sampling
-from sam_jax.training.losses import sam_loss, upsample_logits
+from sam_jax.training.losses import sam_loss
 
 # decode(embeddings (B, h, w, D), coords (B, M, N, 2), labels (B, M, N), mask_inputs (B, M, 1, L, L) | None,
 #        multimask) -> low-res logits (B, M, C, L, L), predicted IoU (B, M, C)
@@ -135,7 +137,7 @@ def initial_prompts(
 
 def _at_loss_resolution(logits: jax.Array, size: int) -> jax.Array:
     """(K, C, L, L) -> (K, C, size, size), as SAM 2 brings logits to the target size."""
-    return logits if logits.shape[-1] == size else upsample_logits(logits, (size, size))
+    return logits if logits.shape[-1] == size else resize_bilinear(logits, (size, size))
 
 
 def _best(logits: jax.Array, iou: jax.Array) -> jax.Array:
@@ -146,10 +148,7 @@ def _best(logits: jax.Array, iou: jax.Array) -> jax.Array:
 
 def _mask_iou(logits: jax.Array, targets: jax.Array, valid: jax.Array, num_valid=None) -> jax.Array:
     """Mean IoU over valid masks (or sum / num_valid) of (K, H, W) logits > 0 against targets."""
-    predicted = logits > 0
-    inter = jnp.sum(predicted & targets, axis=(1, 2))
-    union = jnp.sum(predicted | targets, axis=(1, 2))
-    iou = jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)
+    iou = mask_iou(logits > 0, targets)
     count = jnp.sum(valid) if num_valid is None else num_valid
     return jnp.sum(jnp.where(valid, iou, 0.0)) / jnp.maximum(count, 1)
 
@@ -243,14 +242,7 @@ def interactive_loss(
 
 
 def make_decode(model: Sam, params) -> DecodeFn:
-    """DecodeFn of a `Sam` model and its params: the decoder vmapped over images."""
-
-    def decode(embeddings, coords, labels, mask_inputs, multimask):
-        def one_image(embedding, c, l, mi):
-            return model.apply({"params": params}, embedding[None], c, l, None, mi, multimask, method=Sam.decode)
-
-        if mask_inputs is None:
-            return jax.vmap(lambda e, c, l: one_image(e, c, l, None))(embeddings, coords, labels)
-        return jax.vmap(one_image)(embeddings, coords, labels, mask_inputs)
-
-    return decode
+    """DecodeFn of a `Sam` model and its params: `modeling.decode_batch` without box prompts
+    (boxes travel as corner points in the point buffer)."""
+    return lambda embeddings, coords, labels, mask_inputs, multimask: decode_batch(
+        model, params, embeddings, coords, labels, None, mask_inputs, multimask)

@@ -3,7 +3,7 @@
 Pure functions of fixed-shape arrays, safe under `jit`, `vmap` and `grad`. Shapes:
 M masks (objects, possibly flattened over images, some of them padding), C candidate
 masks per prompt (3 with multimask output, 1 with the single-mask token), H x W the
-target resolution (the caller upsamples low-res logits first, e.g. `upsample_logits`).
+target resolution (the caller upsamples low-res logits first, `modeling.interpolate.resize_bilinear`).
 
 Conventions (SAM paper appendix; facebookresearch/sam2 `training/loss_fns.py`):
 - focal: RetinaNet sigmoid focal loss (alpha 0.25, gamma 2), averaged over pixels.
@@ -29,7 +29,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from sam_jax.modeling.interpolate import resize_bilinear
+from sam_jax.metrics import mask_iou
 
 IOU_KINDS = ("mse", "l1")
 
@@ -78,12 +78,8 @@ def actual_iou(logits: jax.Array, targets: jax.Array, empty_iou: float = 1.0) ->
     """(M, C) float32: IoU of (logits > 0) vs (targets > 0), counted exactly in int32;
     `empty_iou` where both are empty. Carries no gradient."""
     _check(logits, targets)
-    pred = jax.lax.stop_gradient(logits) > 0
-    gt = (jax.lax.stop_gradient(targets) > 0)[:, None]
-    inter = jnp.sum(pred & gt, axis=(-2, -1), dtype=jnp.int32)
-    union = jnp.sum(pred | gt, axis=(-2, -1), dtype=jnp.int32)
-    iou = inter.astype(jnp.float32) / jnp.maximum(union, 1).astype(jnp.float32)
-    return jnp.where(union > 0, iou, jnp.float32(empty_iou))
+    predicted = jax.lax.stop_gradient(logits) > 0
+    return mask_iou(predicted, (jax.lax.stop_gradient(targets) > 0)[:, None], empty_iou)
 
 
 def iou_prediction_loss(pred_iou: jax.Array, logits: jax.Array, targets: jax.Array,
@@ -164,8 +160,3 @@ def sam_loss(
     total = focal_weight * parts["focal"] + dice_weight * parts["dice"] + iou_weight * parts["iou"]
     return total, {**parts, "selected": selected}
 
-
-def upsample_logits(low_res: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """(M, C, h, w) -> (M, C, *size): bilinear as PyTorch's `F.interpolate`
-    (align_corners=False), which SAM 2 uses to bring low-res logits to the target size."""
-    return resize_bilinear(low_res, tuple(size))

@@ -30,7 +30,7 @@ and gives every frozen param exactly zero updates and no optimizer state
   mu/nu take the params' dtype, so the optimizer state is float32 too.
 
 Fine-tuning the decoder only: `OptimizerConfig(freeze_image_encoder=True)` on
-params from `sam_jax.checkpoint.load_sam`. The encoder's gradients are then
+params from `sam_jax.load_sam`. The encoder's gradients are then
 unused; compute the image embeddings under `jax.lax.stop_gradient` (or outside
 the differentiated function) so they are not computed at all.
 """
@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,7 @@ import numpy as np
 import optax
 
 from sam_jax.configs import SamConfig
+from sam_jax.tree_paths import Path, path_names
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"
@@ -57,8 +58,6 @@ UNDECAYED_LEAVES = frozenset({"bias", "scale", "pos_embed", "rel_pos_h", "rel_po
 BUFFERS = frozenset({"positional_encoding_gaussian_matrix"})  # never updated
 
 _BLOCK = re.compile(r"blocks_(\d+)")
-
-Path = Union[str, tuple]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,25 +163,6 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
     return schedule
 
 
-def _names(path: Path) -> tuple[str, ...]:
-    """A param path as names: "a/b/c", a tuple of names, or a jax key path."""
-    if isinstance(path, str):
-        return tuple(path.split("/"))
-    names = []
-    for key in path:
-        if isinstance(key, str):
-            names.append(key)
-        elif isinstance(key, jax.tree_util.DictKey):
-            names.append(str(key.key))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            names.append(key.name)
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            names.append(str(key.idx))
-        else:
-            names.append(str(getattr(key, "key", key)))
-    return tuple(names)
-
-
 def layer_id(path: Path, num_layers: int, blocks_per_group: Optional[int] = None):
     """The layer-wise-decay id of a param (MAE/BEiT/ViTDet convention).
 
@@ -192,7 +172,7 @@ def layer_id(path: Path, num_layers: int, blocks_per_group: Optional[int] = None
     g * blocks_per_group + j of every group g: its ids, an int array of shape
     (num_groups,), need `blocks_per_group`.
     """
-    names = _names(path)
+    names = path_names(path)
     if len(names) < 2 or names[0] != "image_encoder":
         return num_layers + 1
     if names[1] in ("patch_embed", "pos_embed"):
@@ -234,7 +214,7 @@ def layer_scales(params: Any, model_config: SamConfig, layer_decay: Optional[flo
         shape = tuple(leaf.shape)
         if not shape or shape[0] != len(scales):
             raise ValueError(
-                f"{'/'.join(_names(path))}: scanned leaf of shape {shape} should lead with "
+                f"{'/'.join(path_names(path))}: scanned leaf of shape {shape} should lead with "
                 f"{len(scales)} groups for {model_config.name}"
             )
         return scales.astype(np.float32).reshape((-1,) + (1,) * (len(shape) - 1))
@@ -248,10 +228,10 @@ def scale_by_layer(scales: Any) -> optax.GradientTransformation:
     Scales are looked up by param path, so the transform also works inside
     `optax.masked` / `multi_transform`, which hand it only part of the tree.
     """
-    table = {_names(p): s for p, s in jax.tree_util.tree_flatten_with_path(scales)[0]}
+    table = {path_names(p): s for p, s in jax.tree_util.tree_flatten_with_path(scales)[0]}
 
     def scale(path, update):
-        names = _names(path)
+        names = path_names(path)
         if names not in table:
             raise ValueError(
                 f"scale_by_layer: no scale for {'/'.join(names)}; were the scales built for "
@@ -273,7 +253,7 @@ def weight_decay_mask(params: Any) -> Any:
     """True where AdamW's weight decay applies; decided by leaf name (see module doc)."""
 
     def decayed(path, leaf):
-        names = _names(path)
+        names = path_names(path)
         if names[-1] in DECAYED_LEAVES:
             return True
         if names[-1] in UNDECAYED_LEAVES or names[-1] in BUFFERS:
@@ -290,7 +270,7 @@ def param_labels(params: Any, freeze_image_encoder: bool = False) -> Any:
     """TRAINABLE or FROZEN per param: buffers always frozen, the encoder if asked."""
 
     def label(path, leaf):
-        names = _names(path)
+        names = path_names(path)
         frozen = names[-1] in BUFFERS or (freeze_image_encoder and names[0] == "image_encoder")
         return FROZEN if frozen else TRAINABLE
 
@@ -305,7 +285,7 @@ def _check_params(params: Any, model_config: SamConfig) -> None:
             raise ValueError(
                 f"make_optimizer: params must be float32 (AdamW's state takes their dtype; for "
                 f"bf16 compute use Sam(dtype=jnp.bfloat16, param_dtype=jnp.float32)); "
-                f"{'/'.join(_names(path))} is {dtype}"
+                f"{'/'.join(path_names(path))} is {dtype}"
             )
     if not isinstance(params, Mapping) or "image_encoder" not in params:
         raise ValueError("make_optimizer: params have no image_encoder (pass the full Sam params)")

@@ -31,8 +31,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sam_jax.configs import SamConfig
 from sam_jax.modeling import Sam, preprocess_padded
 from sam_jax.training.interactive import InteractiveConfig, interactive_loss, make_decode
+from sam_jax.training.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 
 
 _DROPOUT_STREAM = 2**31 - 1  # image indices fold in below this
@@ -48,8 +50,10 @@ class TrainState:
     nonfinite_total: jax.Array  # () int32
 
 
-def create_train_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+def create_train_state(params, optimizer_config: OptimizerConfig, model_config: SamConfig, seed: int) -> TrainState:
+    """Step 0: `params`, the optimizer state of `make_optimizer(optimizer_config, ...)`, the base key."""
     zero = lambda: jnp.zeros((), jnp.int32)
+    optimizer = make_optimizer(optimizer_config, params, model_config)
     state = TrainState(
         step=zero(), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed),
         nonfinite_in_a_row=zero(), nonfinite_total=zero(),
@@ -65,21 +69,24 @@ def _all_finite(tree) -> jax.Array:
 
 def make_train_step(
     model: Sam,
-    optimizer: optax.GradientTransformation,
+    optimizer_config: OptimizerConfig,
     interactive: InteractiveConfig,
     *,
-    freeze_image_encoder: bool = False,
     axis_name: Optional[str] = None,
-    learning_rate: Optional[Callable[[jax.Array], jax.Array]] = None,
 ) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict[str, jax.Array]]]:
     """The step as a pure function. `axis_name` names the pmap axis (None under jit).
 
+    The optimizer is `make_optimizer(optimizer_config, ...)` (the one `create_train_state`
+    initialised); `optimizer_config.freeze_image_encoder` also runs the encoder without
+    drop path and without gradients.
     batch: the input pipeline's (image, image_size, masks_low_res, [masks], boxes,
     mask_valid; see `sam_jax.data.preprocess`), B images on this call.
     metrics: per-iteration "loss", "focal", "dice", "iou_loss", "miou"
     (num_iterations,), "total_loss", "grad_norm", "learning_rate", "skipped".
     """
     image_size = model.config.image_size
+    freeze_image_encoder = optimizer_config.freeze_image_encoder
+    learning_rate = learning_rate_schedule(optimizer_config)
 
     def step(state: TrainState, batch: Dict[str, jax.Array]):
         b = batch["image"].shape[0]
@@ -112,6 +119,7 @@ def make_train_step(
             metrics = jax.lax.psum(metrics, axis_name)  # every metric is a share of the global mean
 
         finite = jnp.isfinite(loss) & _all_finite(grads)
+        optimizer = make_optimizer(optimizer_config, state.params, model.config)  # built from the tree's paths
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -122,9 +130,8 @@ def make_train_step(
             nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
             nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, 1),
         )
-        metrics = dict(metrics, total_loss=loss, grad_norm=optax.tree.norm(grads), skipped=~finite)
-        if learning_rate is not None:
-            metrics["learning_rate"] = learning_rate(state.step - 1)
+        metrics = dict(metrics, total_loss=loss, grad_norm=optax.tree.norm(grads), skipped=~finite,
+                       learning_rate=learning_rate(state.step - 1))
         return state, metrics
 
     return step

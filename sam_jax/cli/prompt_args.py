@@ -1,4 +1,5 @@
-"""Prompts for `sam-jax segment`: parsed from the command line or a prompts.json, checked against the image.
+"""`sam-jax segment`'s prompt arguments: parsed from the command line or a prompts.json, checked
+against the image.
 
 Command line: --point-coords "x,y;x,y" (pixels in the original image),
 --point-labels "1,0" (1 foreground, 0 background; all 1 when left out),

@@ -1,8 +1,9 @@
 """Helpers of the automatic mask generator: the port of `segment_anything.utils.amg`.
 
 Same names and semantics as the official module, on numpy arrays instead of
-torch tensors. `calculate_stability_score` and `batched_mask_to_box` also take
-jax arrays (they run inside the generator's jitted batch step). Box NMS
+torch tensors. `calculate_stability_score`, `batched_mask_to_box` and
+`box_from_extent` take numpy or jax arrays (the generator's jitted batch step
+calls `box_from_extent`). Box NMS
 (`nms`, `batched_nms`, `box_area`) follows torchvision: boxes in descending
 score order, suppress IoU > threshold; equal scores keep their input order.
 Uncompressed RLE is pycocotools' format: column-major (Fortran) runs starting
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 from itertools import product
-from typing import Any, Dict, Generator, ItemsView, List, Sequence, Tuple
+from typing import Any, Dict, ItemsView, List, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -90,15 +91,6 @@ def box_xyxy_to_xywh(box_xyxy: np.ndarray) -> np.ndarray:
     return box_xywh
 
 
-def batch_iterator(batch_size: int, *args) -> Generator[List[Any], None, None]:
-    """Yields [arg[i:i + batch_size] for arg in args]; the last batch may be shorter."""
-    if not args or any(len(a) != len(args[0]) for a in args):
-        raise ValueError("batch_iterator needs at least one input, all of the same length")
-    n_batches = len(args[0]) // batch_size + int(len(args[0]) % batch_size != 0)
-    for b in range(n_batches):
-        yield [arg[b * batch_size : (b + 1) * batch_size] for arg in args]
-
-
 def mask_to_rle(masks: np.ndarray) -> List[Dict[str, Any]]:
     """(B, H, W) bool masks -> B uncompressed RLEs (the official `mask_to_rle_pytorch`).
 
@@ -122,8 +114,6 @@ def mask_to_rle(masks: np.ndarray) -> List[Dict[str, Any]]:
         out.append({"size": [h, w], "counts": ([0] + counts) if n and masks[k, 0, 0] else counts})
     return out
 
-
-mask_to_rle_pytorch = mask_to_rle  # the official name
 
 
 def rle_to_mask(rle: Dict[str, Any]) -> np.ndarray:

@@ -23,10 +23,9 @@ import numpy as np
 from PIL import Image
 
 from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
-from sam_jax.checkpoint import load_sam
 from sam_jax.cli import common
-from sam_jax.folder_runner import FolderRunner, Job, exit_code, report
 from sam_jax.image_io import read_image
+from sam_jax.weights import load_sam
 
 METADATA_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,"
                    "predicted_iou,stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
@@ -65,13 +64,8 @@ AMG_SETTINGS = {
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "amg", help="automatic mask generation (the official scripts/amg.py)",
-        description=common.description(__doc__),
-        epilog=common.epilog(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    common.add_io_arguments(parser)
+    parser = common.add_command(subparsers, "amg", "automatic mask generation (the official scripts/amg.py)",
+                                __doc__)
     parser.add_argument("--convert-to-rle", action="store_true",
                         help="Save masks as COCO RLEs in a single json instead of as a folder of PNGs.")
     settings = parser.add_argument_group("AMG Settings")
@@ -89,33 +83,22 @@ def amg_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     images, single = common.resolve_inputs(args.input)
     rle = args.convert_to_rle
-    jobs = common.make_jobs(images, args.output, ".json" if rle else "")
-    common.check_checkpoint(args.checkpoint, args.model_type)
-    if rle:
-        runner = FolderRunner(args.output, "file", Path.is_file, args.overwrite)
-    else:
-        runner = FolderRunner(args.output, "dir", lambda p: (p / METADATA_FILE).is_file(), args.overwrite)
-    pending, skipped = runner.pending(jobs)
-    if single:  # a single unreadable input is fatal, and found before the model loads
-        for job in pending:
-            job.data = read_image(job.source)[0]
-    generator = None
-    if pending:
-        generator = SamAutomaticMaskGenerator(
+
+    def load(metadata: dict) -> SamAutomaticMaskGenerator:
+        return SamAutomaticMaskGenerator(
             *load_sam(args.checkpoint), output_mode="coco_rle" if rle else "binary_mask", **amg_kwargs(args))
 
-    def process(job: Job, output: Path) -> None:
-        image = job.data if job.data is not None else read_image(job.source)[0]
-        job.data = None
+    def process(source: Path, image: np.ndarray, output: Path, generator: SamAutomaticMaskGenerator) -> None:
         records = generator.generate(image)
         if rle:
             output.write_text(json.dumps(records, default=_json_value))
         else:
             write_masks_to_folder(records, output)
 
-    summary = runner.run(pending, process, desc="amg", skipped=skipped)
-    report(summary, Path(args.output))
-    return exit_code(summary)
+    return common.run_images(
+        args, images, single, suffix=".json" if rle else "", kind="file" if rle else "dir",
+        is_complete=Path.is_file if rle else (lambda p: (p / METADATA_FILE).is_file()),
+        prepare=lambda source: read_image(source)[0], load=load, process=process, desc="amg")
 
 
 def _python(value: Any) -> Any:

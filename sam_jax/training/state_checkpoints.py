@@ -1,4 +1,4 @@
-"""Training checkpoints that resume exactly: an orbax `CheckpointManager` with three items.
+"""Train-state checkpoints that resume exactly: an orbax `CheckpointManager` with three items.
 
     workdir/checkpoints/<step>/
       state/   the train state pytree (StandardSave: params, opt_state, step, rng, ...)
@@ -20,7 +20,7 @@ interval, sharded multi-process arrays). This module adds only:
 
 Usage (every process of a multi-process run makes the same calls):
 
-    ckpt = TrainCheckpointer(workdir, max_to_keep=3, save_interval_steps=1000)
+    ckpt = TrainStateCheckpointer(workdir, max_to_keep=3, save_interval_steps=1000)
     if ckpt.latest_step() is not None:
         state, data_state, meta = ckpt.restore(abstract_state)  # eval_shape + shardings
         pipeline.set_state(data_state)
@@ -45,6 +45,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sam_jax.errors import CheckpointError
+from sam_jax.tree_paths import flatten, list_keys, path_str
 
 STATE, DATA, META = "state", "data", "meta"
 CHECKPOINTS_DIR = "checkpoints"
@@ -55,30 +56,6 @@ log = logging.getLogger(__name__)
 def _is_key(x) -> bool:
     dtype = getattr(x, "dtype", None)
     return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-
-
-def _path_str(path) -> str:
-    """A jax key path as "a/b/0/c": dict keys, attribute names and indices alike, so that a
-    namedtuple field in the state and the dict key orbax's metadata has for it read the same."""
-    names = []
-    for key in path:
-        for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
-            if hasattr(key, attr):
-                names.append(str(getattr(key, attr)))
-                break
-        else:
-            names.append(str(key))
-    return "/".join(names)
-
-
-def _flat(tree) -> dict[str, Any]:
-    return {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _list(items, limit: int = 6) -> str:
-    items = list(items)
-    shown = ", ".join(items[:limit])
-    return f"{shown}, ... ({len(items)} in all)" if len(items) > limit else shown
 
 
 @jax.jit
@@ -92,7 +69,7 @@ def first_non_finite(state) -> Optional[str]:
     One jitted reduction over every floating leaf, so sharded (multi-process)
     arrays work; every process must call it.
     """
-    flat = [(p, x) for p, x in _flat(state).items()
+    flat = [(p, x) for p, x in flatten(state).items()
             if not _is_key(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
     if not flat:
         return None
@@ -112,7 +89,7 @@ def _to_stored_abstract(abstract_state):
         sharding = getattr(x, "sharding", None)
         if sharding is None and not single_device:
             raise ValueError(
-                f"restore: leaf {_path_str(path)} of the state to restore into has no sharding; with "
+                f"restore: leaf {path_str(path)} of the state to restore into has no sharding; with "
                 f"{jax.device_count()} devices give every leaf one (jax.ShapeDtypeStruct(..., sharding=...))"
             )
         if _is_key(x):  # key_data has a trailing key dimension, which a NamedSharding leaves unsharded
@@ -123,7 +100,7 @@ def _to_stored_abstract(abstract_state):
     return jax.tree_util.tree_map_with_path(convert, abstract_state)
 
 
-class TrainCheckpointer:
+class TrainStateCheckpointer:
     """Asynchronous, rotating checkpoints of (train state, input iterator state, meta) in `workdir/checkpoints`."""
 
     def __init__(
@@ -210,13 +187,13 @@ class TrainCheckpointer:
         metadata = self._manager.item_metadata(step)[STATE]
         if metadata is None:  # orbax could not read it; let restore say why
             return
-        saved = _flat(getattr(metadata, "tree", metadata))
-        wanted = _flat(target)
+        saved = flatten(getattr(metadata, "tree", metadata))
+        wanted = flatten(target)
         problems = []
         if missing := sorted(wanted.keys() - saved.keys()):
-            problems.append(f"not in the checkpoint: {_list(missing)}")
+            problems.append(f"not in the checkpoint: {list_keys(missing)}")
         if extra := sorted(saved.keys() - wanted.keys()):
-            problems.append(f"in the checkpoint but not in the state: {_list(extra)}")
+            problems.append(f"in the checkpoint but not in the state: {list_keys(extra)}")
 
         def describe(x):
             return f"{tuple(getattr(x, 'shape', ()) or ())} {getattr(x, 'dtype', type(x).__name__)}"
@@ -230,7 +207,7 @@ class TrainCheckpointer:
             if not (same_shape and same_dtype):
                 differing.append(f"{path} is {describe(have)} in the checkpoint, {describe(want)} in the state")
         if differing:
-            problems.append(_list(differing, limit=3))
+            problems.append(list_keys(differing, limit=3))
         if problems:
             raise CheckpointError(
                 f"checkpoint of step {step} in {self.directory} does not match the state to restore into "
@@ -245,7 +222,7 @@ class TrainCheckpointer:
         self._manager.wait_until_finished()
         self._manager.close()
 
-    def __enter__(self) -> "TrainCheckpointer":
+    def __enter__(self) -> "TrainStateCheckpointer":
         return self
 
     def __exit__(self, *exc) -> None:

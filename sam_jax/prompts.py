@@ -1,0 +1,107 @@
+"""Prompts as every front end takes them: checked in the original frame, then moved to the
+encoder's input frame and padded to bucketed sizes.
+
+    check_prompts    point_coords (B, N, 2) + point_labels (B, N), boxes (B, 4), mask_input
+                     (B, 1, L, L) -> the same as numpy arrays, or a ValueError naming the problem
+    prompt_counts    (B, N) of checked prompts
+    bucket           the padded size of a count: the next power of two, so growing
+                     click or prompt counts compile log2(n) times, not n times
+    to_input_frame   checked prompts -> float32 input-frame prompts padded to (B', N')
+
+Padding prompts are rows of zeros (their outputs are dropped); padding points
+are labelled PADDING, which `Sam.decode` masks out of attention.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from sam_jax.configs import SamConfig
+from sam_jax.modeling.prompt_encoder import BACKGROUND, FOREGROUND, NOT_A_POINT, PADDING
+from sam_jax.utils.transforms import ResizeLongestSide
+
+POINT_LABELS = (NOT_A_POINT, BACKGROUND, FOREGROUND)
+
+Prompts = tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]
+
+
+def bucket(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def pad_to(x: np.ndarray, axis: int, size: int, value) -> np.ndarray:
+    """`x` padded with `value` at the end of `axis` up to `size`."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return np.pad(x, pad, constant_values=value)
+
+
+def check_prompts(config: SamConfig, point_coords, point_labels, boxes, mask_input) -> Prompts:
+    """Validates batched prompts in the original frame (`SamPredictor.predict_batch`'s
+    arguments); returns them as numpy arrays (None where not given)."""
+    if point_coords is None and boxes is None and mask_input is None:
+        raise ValueError("no prompt: give point_coords + point_labels, a box, or a mask_input")
+    if (point_coords is None) != (point_labels is None):
+        raise ValueError("point_coords and point_labels must be given together")
+    if point_coords is not None:
+        point_coords = np.asarray(point_coords, np.float64)
+        point_labels = np.asarray(point_labels)
+        if point_coords.ndim != 3 or point_coords.shape[-1] != 2 or point_coords.shape[1] == 0:
+            raise ValueError(
+                f"point_coords must be (N, 2) with N >= 1 (batched: (B, N, 2)); "
+                f"got {point_coords.shape}"
+            )
+        if point_labels.shape != point_coords.shape[:2]:
+            raise ValueError(
+                f"point_labels must have shape {point_coords.shape[:2]} to match "
+                f"point_coords; got {point_labels.shape}"
+            )
+        if not np.isin(point_labels, POINT_LABELS).all():
+            raise ValueError(
+                "point_labels must be 1 (foreground), 0 (background) or -1; "
+                f"got {np.unique(point_labels)}"
+            )
+        if not np.isfinite(point_coords).all():
+            raise ValueError("point_coords contain NaN or infinite values")
+        point_labels = point_labels.astype(np.int32)
+    if boxes is not None:
+        boxes = np.asarray(boxes, np.float64)
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"box must be (4,) XYXY (batched: (B, 4)); got {boxes.shape}")
+        if not np.isfinite(boxes).all():
+            raise ValueError("box contains NaN or infinite values")
+        if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
+            raise ValueError(f"box must be XYXY with x1 >= x0 and y1 >= y0; got {boxes.tolist()}")
+    if mask_input is not None:
+        m = config.low_res_mask_size
+        mask_input = np.asarray(mask_input, np.float32)
+        if mask_input.ndim != 4 or mask_input.shape[1:] != (1, m, m):
+            raise ValueError(
+                f"mask_input must be (1, {m}, {m}) (batched: (B, 1, {m}, {m})); "
+                f"got {mask_input.shape}"
+            )
+    return point_coords, point_labels, boxes, mask_input
+
+
+def prompt_counts(coords, labels, boxes, mask_input) -> tuple[int, int]:
+    """(number of prompts B, points per prompt N) of validated prompts."""
+    b = next(x.shape[0] for x in (coords, boxes, mask_input) if x is not None)
+    return b, 0 if coords is None else coords.shape[1]
+
+
+def to_input_frame(transform: ResizeLongestSide, original_size: tuple[int, int], coords, labels, boxes,
+                   mask_input, num_prompts: int, num_points: int) -> Prompts:
+    """Validated prompts in the original frame -> float32 prompts in the input frame, padded
+    to `num_prompts` prompts (padding rows are zeros, to be dropped) and `num_points`
+    points (padding points are labelled PADDING: masked out of the decoder)."""
+    if coords is not None:
+        coords = transform.apply_coords(coords, original_size).astype(np.float32)
+        coords = pad_to(coords, 1, num_points, 0.0)
+        labels = pad_to(labels, 1, num_points, PADDING)
+    if boxes is not None:
+        boxes = transform.apply_boxes(boxes, original_size).astype(np.float32)
+    prompts = (coords, labels, boxes, mask_input)
+    return tuple(None if x is None else pad_to(x, 0, num_prompts, 0) for x in prompts)

@@ -1,0 +1,270 @@
+"""The training run: `train_and_evaluate(config, workdir)` trains, logs, checkpoints, evaluates
+and exports, and resumes from its work directory by itself.
+
+    from sam_jax.training.loop import train_and_evaluate
+    summary = train_and_evaluate(config, Path("/ckpt/vit_b"), data_dir="/data/tfds")
+
+Every process of a multi-process run makes the same call. The work directory holds
+    config.json                  the resolved config (a restart must use the same one)
+    checkpoints/<step>/          orbax: train state, input-iterator state per process, meta
+    metrics.jsonl, tensorboard/  one row per log step and per evaluation (`metrics_log`)
+    curves.png, samples.png      loss, training mIoU, lr, held-out mIoU; held-out predictions
+    eval.json                    the last point-protocol evaluation (mIoU after 1, 2, 3, 5, 9 clicks)
+    model/                       the final params as a converted checkpoint (`sam_jax.load_sam`,
+                                 `sam-jax segment --checkpoint`)
+    samples/, sample_prompts.json  held-out images and their first clicks, for `sam-jax segment`
+
+Killed at any point and restarted with the same config, a run continues from its
+last checkpoint and reaches bit-identical params (on the CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sam_jax.data.pipeline import DEFAULT_DATA_DIR, InputPipeline, PipelineConfig, evaluation_batches, open_source
+from sam_jax.evaluation import point_protocol
+from sam_jax.modeling import Sam
+from sam_jax.training import report
+from sam_jax.training.config import TrainConfig
+from sam_jax.training.metrics_log import MetricsLog, eval_row, summarize_window
+from sam_jax.training.parallel import PARALLEL, gather_data_states
+from sam_jax.training.state_checkpoints import TrainStateCheckpointer
+from sam_jax.training.train_step import create_train_state
+from sam_jax.weights import load_params, save_params
+
+CONFIG_FILE = "config.json"
+MODEL_DIR = "model"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on; the message says why and what to do."""
+
+
+def config_json(config: TrainConfig) -> Dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def check_workdir_config(workdir: Path, config: TrainConfig) -> None:
+    """Refuses to resume a run in `workdir` that was started with another config."""
+    path = workdir / CONFIG_FILE
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise TrainingError(f"{path}: not a readable config ({err}); remove it or choose a new --workdir") from err
+        if saved != config_json(config):
+            changed = _differences(saved, config_json(config))
+            raise TrainingError(
+                f"{workdir} holds a run with another config (changed: {', '.join(changed[:6])}); "
+                "resume it with the same config, or choose a new --workdir"
+            )
+
+
+def write_workdir_config(workdir: Path, config: TrainConfig) -> None:
+    """Records the config beside the first checkpoint: until a checkpoint exists there is
+    nothing to resume, so a run that fails before one leaves no config to refuse the next."""
+    if jax.process_index() == 0 and not (workdir / CONFIG_FILE).exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / CONFIG_FILE).write_text(json.dumps(config_json(config), indent=2) + "\n")
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> List[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def open_data(config: TrainConfig, data_dir: str):
+    """The train and eval sources; the synthetic sets are generated when missing."""
+    dataset = config.data.dataset
+
+    def sources():
+        return (open_source(dataset, config.data.train_split, data_dir),
+                open_source(dataset, config.data.eval_split, data_dir))
+
+    try:
+        return sources()
+    except FileNotFoundError as err:
+        if not dataset.startswith("sam_synthetic"):
+            raise TrainingError(
+                f"data set {dataset!r} is not prepared under {data_dir} ({err}); prepare it with "
+                f"`python -m experiments.prepare_data {dataset} --data-dir {data_dir} --manual-dir ...`"
+            ) from err
+    import tensorflow_datasets as tfds
+
+    print(f"preparing {dataset} in {data_dir} (once)", file=sys.stderr)
+    tfds.builder(dataset, data_dir=data_dir).download_and_prepare()
+    return sources()
+
+
+def build_model(config: TrainConfig) -> Sam:
+    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+    return Sam(config.model, dtype=dtype, scan_blocks=config.scan_blocks, remat_policy=config.remat_policy,
+               drop_path_rate=config.drop_path_rate)
+
+
+def initial_params(config: TrainConfig, model: Sam):
+    if config.init_checkpoint:
+        loaded_config, params = load_params(config.init_checkpoint, scan_blocks=config.scan_blocks)
+        if loaded_config != config.model:
+            raise TrainingError(
+                f"init_checkpoint {config.init_checkpoint} is a {loaded_config.name} model, but the config "
+                f"trains {config.model.name}; use the matching --config or model"
+            )
+        return params
+    n, low = config.model.image_size, config.model.low_res_mask_size
+    return jax.jit(model.init)(
+        jax.random.PRNGKey(config.seed), jnp.zeros((1, n, n, 3)), jnp.zeros((1, 1, 2)), jnp.ones((1, 1), jnp.int32),
+        jnp.zeros((1, 4)), jnp.zeros((1, 1, low, low)),
+    )["params"]
+
+
+def evaluate(config: TrainConfig, model: Sam, params, eval_source, progress: bool = False) -> Dict[str, Any]:
+    """The point protocol on the held-out split at the training resolution; its summary."""
+    from tqdm import tqdm
+
+    protocol = point_protocol.ProtocolConfig(num_clicks=config.eval_clicks, seed=config.seed)
+    batches = evaluation_batches(eval_source, config.data.eval_preprocess, config.data.eval_batch_size,
+                                 config.data.eval_images)
+    total = min(config.data.eval_images, len(eval_source))
+    with tqdm(total=total, desc="eval", unit="image", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        return point_protocol.evaluate(model, params, batches, protocol, progress=bar).summary()
+
+
+def compile_step(step, state, batch):
+    """Compiles the step ahead of time; returns it and the FLOPs XLA counts in one step (0 if unknown:
+    these include the rematerialised forward passes, so they exceed the model's own FLOPs)."""
+    compiled = step.lower(state, batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return compiled, float((cost or {}).get("flops", 0.0))
+
+
+def train_and_evaluate(config: TrainConfig, workdir: Path, data_dir: str = DEFAULT_DATA_DIR,
+                       progress: bool = True) -> Dict[str, Any]:
+    """Trains `config` in `workdir` (resuming what is there), evaluates and exports; returns
+    the final point-protocol summary (what eval.json holds)."""
+    workdir = Path(workdir).absolute()
+    check_workdir_config(workdir, config)
+    train_source, eval_source = open_data(config, data_dir)
+    model = build_model(config)
+    state = create_train_state(initial_params(config, model), config.optimizer, config.model, config.seed)
+    parallel = PARALLEL[config.parallelism](jax.eval_shape(lambda: state))
+    compiled_steps: Dict[Any, Any] = {}  # InteractiveConfig -> (compiled step, XLA FLOPs per step)
+
+    def step_for(step_number: int, batch):
+        """The compiled step of the loop that step `step_number` trains (compiled on first use)."""
+        interactive = config.interactive_at(step_number)
+        if interactive not in compiled_steps:
+            step = parallel.train_step(model, config.optimizer, interactive)
+            compiled_steps[interactive] = compile_step(step, state, batch)
+        return compiled_steps[interactive]
+
+    pipeline = InputPipeline(train_source, PipelineConfig(
+        global_batch_size=config.data.global_batch_size, seed=config.seed, worker_count=config.data.worker_count,
+        prefetch_batches=config.data.prefetch_batches, preprocess=config.data.preprocess,
+    ))
+    checkpointer = TrainStateCheckpointer(workdir, max_to_keep=config.keep_checkpoints)
+    start_step = 0
+    try:
+        if checkpointer.latest_step() is not None:
+            restored, data_states, _ = checkpointer.restore(parallel.abstract_state())
+            pipeline.set_state(data_states[jax.process_index()])
+            start_step = int(restored.step)
+            state = restored
+            print(f"resumed from the checkpoint of step {start_step} in {checkpointer.directory}", file=sys.stderr)
+        state = parallel.place(state)
+    except BaseException:
+        pipeline.close()
+        checkpointer.close()
+        raise
+    metrics_log = MetricsLog(workdir, start_step)
+    print(f"training on {jax.device_count()} devices ({config.parallelism})", file=sys.stderr)
+
+    total = config.total_steps
+    bar = _progress_bar(total, start_step, progress)
+    window: List[Dict[str, Any]] = []
+    window_start = time.perf_counter()
+    pending = None  # the previous step's metrics: read one step late so the host never stalls the device
+    nonfinite_in_a_row = 0
+    try:
+        for step_number in range(start_step + 1, total + 1):
+            batch = parallel.batch(next(pipeline))
+            compile_start = time.perf_counter()
+            step, flops_per_step = step_for(step_number, batch)
+            window_start += time.perf_counter() - compile_start  # compiling is not training throughput
+            state, metrics = step(state, batch)
+            metrics = parallel.metrics(metrics)
+            if pending is not None:
+                nonfinite_in_a_row = nonfinite_in_a_row + 1 if bool(pending["skipped"]) else 0
+                if nonfinite_in_a_row >= config.max_nonfinite_in_a_row:
+                    raise TrainingError(
+                        f"{nonfinite_in_a_row} steps in a row up to step {step_number - 1} had a non-finite loss or "
+                        f"gradient and were skipped; lower optimizer.learning_rate, set optimizer.grad_clip_norm, "
+                        f"or check the data. The last finite checkpoint is in {checkpointer.directory}"
+                    )
+            pending = metrics
+            window.append(metrics)
+            if step_number % config.checkpoint_every == 0 or step_number == total:
+                write_workdir_config(workdir, config)
+                checkpointer.save(step_number, parallel.checkpointed(state), gather_data_states(pipeline.get_state()),
+                                  {"step": step_number})
+            # The window closes where the single-prompt steps end: its rows have one iteration's metrics.
+            if step_number % config.log_every == 0 or step_number in (total, config.single_prompt_steps):
+                row = summarize_window(window)
+                elapsed = time.perf_counter() - window_start
+                row["train/steps_per_s"] = len(window) / elapsed
+                row["train/images_per_s"] = len(window) * config.data.global_batch_size / elapsed
+                if flops_per_step:
+                    row["train/xla_gflops_per_step"] = flops_per_step / 1e9
+                    row["train/gflops_per_s"] = flops_per_step * len(window) / elapsed / 1e9
+                row["step"] = step_number
+                metrics_log.write(row)
+                last = config.interactive_at(step_number).num_iterations
+                bar.set_postfix(loss=f"{row['train/total_loss']:.3f}", miou=f"{row['train/miou_iter_1']:.3f}"
+                                f"/{row[f'train/miou_iter_{last}']:.3f}")
+                window, window_start = [], time.perf_counter()
+            if config.eval_every and step_number % config.eval_every == 0 and step_number < total:
+                metrics_log.write(eval_row(step_number, evaluate(config, model, parallel.host_params(state),
+                                                                 eval_source, progress)))
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+            bar.update(1)
+        checkpointer.wait_until_finished()
+        # The final evaluation; a finished run restarted re-evaluates its restored params
+        # (the same figures) without logging them again.
+        params = parallel.host_params(state)
+        summary = evaluate(config, model, params, eval_source, progress)
+        if start_step < total:
+            metrics_log.write(eval_row(total, summary))
+    finally:
+        bar.close()
+        pipeline.close()
+        checkpointer.close()
+        metrics_log.close()
+
+    if jax.process_index() == 0:
+        (workdir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+        save_params(workdir / MODEL_DIR, params, config.model, source=f"sam_jax.training step {total}",
+                    overwrite=True)
+        report.write_curves(workdir / "curves.png", metrics_log.rows, config.interactive)
+        report.write_samples(workdir, config, model, params, eval_source)
+    return summary
+
+
+def _progress_bar(total: int, start: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)

@@ -1,0 +1,2 @@
+"""Host-side helpers, as the official `segment_anything.utils`: `transforms` (images, points
+and boxes to the encoder's input frame) and `amg` (the automatic mask generator's helpers)."""

@@ -1,0 +1,235 @@
+"""Model weights: the two param layouts, saving, strict loading, and `load_sam`.
+
+A converted (or exported) checkpoint is a directory:
+  sam_jax.json   {"format": "sam_jax", "config": {...}, "layout": "looped"|"scanned", "source": ...}
+  params/        the orbax PyTree checkpoint of the params dict
+
+`save_params` writes it under a temporary name beside the target and renames
+it into place when complete, so a checkpoint directory that exists is whole.
+Loading is strict: every expected param present with its shape, nothing
+extra; otherwise a CheckpointError listing the offending keys.
+
+The encoder's block params come in two layouts:
+- "looped": `image_encoder/blocks_{i}/...`, one subtree per block (the
+  official order; what the converter writes).
+- "scanned": `image_encoder/block_groups/blocks_{j}/...` with a leading axis
+  of length `num_groups`, for `Sam(scan_blocks=True)`: block
+  `i = group * blocks_per_group + j`.
+A checkpoint records its layout, and `load_params` returns either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from sam_jax.configs import SamConfig
+from sam_jax.errors import CheckpointError
+from sam_jax.modeling.sam import Sam
+from sam_jax.tree_paths import flatten, list_keys
+
+METADATA_FILE = "sam_jax.json"
+PARAMS_DIR = "params"
+FORMAT = "sam_jax"
+
+LOOPED = "looped"
+SCANNED = "scanned"
+LAYOUTS = (LOOPED, SCANNED)
+
+Params = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def layout_of(params: Params) -> str:
+    return SCANNED if "block_groups" in params["image_encoder"] else LOOPED
+
+
+def _tree_map(fn, *trees):
+    if isinstance(trees[0], dict):
+        return {k: _tree_map(fn, *(t[k] for t in trees)) for k in trees[0]}
+    return fn(*trees)
+
+
+def to_scanned(params: Params, config: SamConfig) -> Params:
+    """Looped -> scanned: stacks block `g * blocks_per_group + j` at `[g]` of `blocks_{j}`."""
+    if layout_of(params) == SCANNED:
+        return params
+    enc_cfg = config.encoder
+    if not enc_cfg.is_periodic():
+        raise ValueError(f"{config.name}: global blocks {enc_cfg.global_attn_indexes} do not scan")
+    encoder = dict(params["image_encoder"])
+    g = enc_cfg.blocks_per_group
+    groups = len(enc_cfg.global_attn_indexes)
+    blocks = [encoder.pop(f"blocks_{i}") for i in range(enc_cfg.depth)]
+    encoder["block_groups"] = {
+        f"blocks_{j}": _tree_map(lambda *xs: np.stack(xs), *blocks[j::g][:groups]) for j in range(g)
+    }
+    return {**params, "image_encoder": encoder}
+
+
+def to_looped(params: Params, config: SamConfig) -> Params:
+    """Scanned -> looped: the inverse of `to_scanned`."""
+    if layout_of(params) == LOOPED:
+        return params
+    encoder = dict(params["image_encoder"])
+    stacked = encoder.pop("block_groups")
+    g = config.encoder.blocks_per_group
+    for i in range(config.encoder.depth):
+        group, j = divmod(i, g)
+        encoder[f"blocks_{i}"] = _tree_map(lambda x: np.asarray(x[group]), stacked[f"blocks_{j}"])
+    return {**params, "image_encoder": encoder}
+
+
+def to_layout(params: Params, config: SamConfig, layout: str) -> Params:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown param layout {layout!r}; choose one of {LAYOUTS}")
+    return to_scanned(params, config) if layout == SCANNED else to_looped(params, config)
+
+
+# ----------------------------------------------------------------------------- strict checks
+
+
+def check_params_match(expected: Mapping[str, Any], actual: Mapping[str, Any], what: str) -> None:
+    """Raises CheckpointError unless `actual` has exactly `expected`'s keys and shapes.
+
+    Both are nested dicts; leaves need a `.shape`.
+    """
+    exp, act = flatten(expected), flatten(actual)
+    problems = []
+    if missing := exp.keys() - act.keys():
+        problems.append(f"missing {list_keys(missing)}")
+    if extra := act.keys() - exp.keys():
+        problems.append(f"unexpected {list_keys(extra)}")
+    misshapen = [
+        f"{k} {tuple(act[k].shape)} != expected {tuple(exp[k].shape)}"
+        for k in sorted(exp.keys() & act.keys())
+        if tuple(exp[k].shape) != tuple(act[k].shape)
+    ]
+    if misshapen:
+        problems.append(f"misshapen {list_keys(misshapen)}")
+    if problems:
+        raise CheckpointError(f"{what}: " + "; ".join(problems))
+
+
+def abstract_params(config: SamConfig, scan_blocks: bool = False) -> Params:
+    """The params tree of `Sam(config)` as ShapeDtypeStructs, without allocating it."""
+    model = Sam(config, scan_blocks=scan_blocks)
+    s, e = config.image_size, config.embedding_size
+    variables = jax.eval_shape(
+        lambda: model.init(
+            jax.random.PRNGKey(0),
+            jnp.zeros((1, s, s, 3)),
+            jnp.zeros((1, 1, 2)),
+            jnp.zeros((1, 1), jnp.int32),
+            jnp.zeros((1, 4)),
+            jnp.zeros((1, 1, 4 * e, 4 * e)),
+        )
+    )
+    return variables["params"]
+
+
+# ----------------------------------------------------------------------------- saving and loading
+
+
+def save_params(
+    directory: str | os.PathLike,
+    params: Mapping[str, Any],
+    config: SamConfig,
+    source: Optional[str] = None,
+    overwrite: bool = False,
+) -> Path:
+    """Writes params (either layout, recorded) and the config as the checkpoint `directory`.
+
+    The checkpoint is staged in a temporary folder beside `directory` and renamed
+    into place when complete; on any failure nothing is left. An existing
+    `directory` is a FileExistsError, unless `overwrite` and it is a sam_jax
+    checkpoint, which is then replaced (the old one removed after the swap).
+    """
+    directory = Path(directory).absolute()
+    if directory.exists() or directory.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{directory} already exists; choose a new output directory")
+        if not (directory / METADATA_FILE).is_file():
+            raise FileExistsError(f"{directory} exists and is not a sam_jax checkpoint; not replacing it")
+    layout = layout_of(params)
+    check_params_match(abstract_params(config, layout == SCANNED), params, "params to save")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".staging", dir=directory.parent))
+    try:
+        staged = staging / "checkpoint"
+        staged.mkdir()
+        ocp.PyTreeCheckpointer().save(staged / PARAMS_DIR, jax.tree_util.tree_map(np.asarray, params))
+        metadata = {"format": FORMAT, "config": config.to_dict(), "layout": layout, "source": source}
+        (staged / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        if directory.exists():
+            os.replace(directory, staging / "replaced")
+        os.replace(staged, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    directory = Path(directory)
+    meta_path = directory / METADATA_FILE
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    if not meta_path.is_file():
+        raise CheckpointError(
+            f"{directory}: not a converted sam_jax checkpoint (no {METADATA_FILE}); "
+            "convert official weights with `python -m checkpoints_convert.convert`"
+        )
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{meta_path}: corrupt metadata ({err})") from err
+    if metadata.get("format") != FORMAT or metadata.get("layout") not in LAYOUTS:
+        raise CheckpointError(f"{meta_path}: not sam_jax checkpoint metadata")
+    return metadata
+
+
+def load_params(
+    directory: str | os.PathLike, scan_blocks: bool = False, dtype: Any = jnp.float32
+) -> tuple[SamConfig, Params]:
+    """Strictly restores params in the layout `scan_blocks` asks for, cast to `dtype`."""
+    directory = Path(directory).absolute()
+    metadata = read_metadata(directory)
+    try:
+        config = SamConfig.from_dict(metadata["config"])
+    except (TypeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{directory / METADATA_FILE}: bad config ({err})") from err
+    try:
+        params = ocp.PyTreeCheckpointer().restore(directory / PARAMS_DIR)
+    except Exception as err:  # orbax raises many types for unreadable or partial files
+        raise CheckpointError(f"{directory / PARAMS_DIR}: cannot restore params ({err})") from err
+    check_params_match(abstract_params(config, metadata["layout"] == SCANNED), params, str(directory))
+    params = to_layout(params, config, SCANNED if scan_blocks else LOOPED)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
+    return config, params
+
+
+def load_sam(
+    directory: str | os.PathLike,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    scan_blocks: bool = False,
+    remat_policy: Optional[str] = None,
+    drop_path_rate: float = 0.0,
+) -> tuple[Sam, Params]:
+    """Loads a converted checkpoint: returns `(model, params)` for `model.apply({"params": params}, ...)`.
+    `drop_path_rate` is for fine-tuning (see `Sam`); inference calls ignore it."""
+    config, params = load_params(directory, scan_blocks=scan_blocks, dtype=param_dtype)
+    model = Sam(config, dtype=dtype, param_dtype=param_dtype, scan_blocks=scan_blocks,
+                remat_policy=remat_policy, drop_path_rate=drop_path_rate)
+    return model, params
