@@ -99,7 +99,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (CheckpointError, FileExistsError) as err:
+    except (CheckpointError, OSError) as err:  # FileExistsError, a full disk, an unwritable folder
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from sam_jax.tree_paths import flatten, list_keys, unflatten
-from sam_jax.weights import abstract_params
+from sam_jax.weights import abstract_params, check_values
 from sam_jax.configs import CONFIGS, ImageEncoderConfig, SamConfig
 from sam_jax.errors import CheckpointError
 
@@ -123,6 +123,7 @@ def official_to_flax(
         flat[path] = np.ascontiguousarray(array, dtype=np.float32)
     if problems:
         raise CheckpointError(f"{source} does not fit {config.name}: " + "; ".join(problems))
+    check_values({key: state_dict[key] for key in wanted}, source)
     return unflatten(flat)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 
 from experiments.sample_image import synthetic_image
 from sam_jax.configs import CONFIGS, SamConfig
+from sam_jax.host import cpu_model, matmul_rate
 from sam_jax.modeling import Sam
 
 PARTS = ("encoder", "decoder", "amg")
@@ -68,14 +68,6 @@ def encoder_flops(config: SamConfig, batch: int) -> float:
         flops += 2 * 2 * queries * side * c  # decomposed rel-pos (h and w)
     flops += 2 * tokens * (c * e.out_chans + 9 * e.out_chans**2)  # neck
     return float(batch * flops)
-
-
-def matmul_rate(n: int = 4096, repeats: int = 5) -> float:
-    """Measured fp32 JAX matmul rate, FLOP/s."""
-    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    return 2 * n**3 / timed(lambda: f(a).block_until_ready(), repeats)["median_s"]
 
 
 def timed(fn, repeats: int) -> dict:
@@ -208,7 +200,7 @@ def main(argv=None) -> dict:
     model = Sam(config)
     result = {
         "model_type": args.model_type, "repeats": args.repeats, "dtype": "float32",
-        "threads": threads, "machine": platform.processor() or platform.machine(),
+        "threads": threads, "cpu": cpu_model(),
         "jax": jax.__version__, "backend": jax.default_backend(), "torch": torch.__version__,
         "matmul_gflops_per_s": matmul_rate() / 1e9,
     }

@@ -93,6 +93,13 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, split: str = "validation"
                 predictor, (evaluated.append(x.image_id) or x for x in instances()), detections, batch_images, bar)
         results["boxes"] = {**box_result.summary(), "seconds": round(time.perf_counter() - start, 1)}
         if detections is not None:  # e.g. a detector's file for the whole split, --num-images a part of it
+            if not set(detections) & set(evaluated):
+                shown = ", ".join(str(i) for i in sorted(detections)[:5])
+                raise ValueError(
+                    f"--boxes {boxes}: no detection is for any of the {len(evaluated)} evaluated images of "
+                    f"{dataset} {split} (the file names image_id {shown}{', ...' if len(detections) > 5 else ''}); "
+                    "is it for another split or data set?"
+                )
             results["boxes"]["detection_images_not_evaluated"] = len(set(detections) - set(evaluated))
     return results
 
@@ -188,6 +195,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"{args.dataset.strip('/').replace('/', '_')}-{args.split}")
     write_results(output, results)
     print(markdown(results))
+    skipped = results.get("boxes", {}).get("detection_images_not_evaluated", 0)
+    if skipped:
+        print(f"eval: warning: detections of {skipped} image(s) in {args.boxes} were not evaluated (not among "
+              f"the {results['num_images']} evaluated images of {args.dataset} {args.split})", file=sys.stderr)
     written = ["results.json", "results.md"] + ["miou_vs_clicks.png"] * ("points" in results)
     print(f"wrote {', '.join(str(output / name) for name in written)}")
     return 0

@@ -61,7 +61,10 @@ def synthetic_cpu() -> TrainConfig:
 
 
 def synthetic_smoke() -> TrainConfig:
-    """Seconds-long: the tiny test model on `sam_synthetic/small`, for tests and checking a setup."""
+    """The tiny test model on `sam_synthetic/small` for 6 steps, for tests and checking a setup. On 2 CPU
+    cores `python -m experiments.train --config synthetic_smoke` takes ~5 min cold (313 s measured), nearly
+    all of it compiling (model init, both loops' steps, evaluation), and ~1.7 min (102 s) again with the
+    compilation cache warm; the data set is prepared in seconds."""
     return TrainConfig(
         model=MODEL_CONFIGS["vit_tiny"],
         data=DataConfig(

@@ -49,6 +49,24 @@ from sam_jax.prompts import bucket
 from sam_jax.utils.transforms import ResizeLongestSide, as_rgb, to_input_batch
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+DEFAULT_CROP_OVERLAP_RATIO = 512 / 1500
+
+
+def crop_boxes(image_size: Tuple[int, int], crop_n_layers: int = 0,
+               crop_overlap_ratio: float = DEFAULT_CROP_OVERLAP_RATIO) -> Tuple[List[List[int]], List[int]]:
+    """The XYXY crop boxes of an (H, W) image and their layers (`generate_crop_boxes`), or a
+    ValueError when a layer's crops are so small that some lie outside the image."""
+    boxes, layers = generate_crop_boxes(image_size, crop_n_layers, crop_overlap_ratio)
+    empty = [(box, layer) for box, layer in zip(boxes, layers) if box[2] <= box[0] or box[3] <= box[1]]
+    if empty:
+        usable = max(n for n in range(crop_n_layers + 1) if all(
+            b[2] > b[0] and b[3] > b[1] for b in generate_crop_boxes(image_size, n, crop_overlap_ratio)[0]))
+        (box, layer), (h, w) = empty[0], image_size
+        raise ValueError(
+            f"crop_n_layers={crop_n_layers} is too many for a {h}x{w} image: layer {layer} has crops outside it "
+            f"(XYXY {box}); use crop_n_layers <= {usable}"
+        )
+    return boxes, layers
 
 
 def _count_bits(packed: jax.Array) -> jax.Array:
@@ -136,7 +154,7 @@ class SamAutomaticMaskGenerator:
         box_nms_thresh: float = 0.7,
         crop_n_layers: int = 0,
         crop_nms_thresh: float = 0.7,
-        crop_overlap_ratio: float = 512 / 1500,
+        crop_overlap_ratio: float = DEFAULT_CROP_OVERLAP_RATIO,
         crop_n_points_downscale_factor: int = 1,
         point_grids: Optional[List[np.ndarray]] = None,
         min_mask_region_area: int = 0,
@@ -267,12 +285,12 @@ class SamAutomaticMaskGenerator:
 
     def _generate_masks(self, image: np.ndarray) -> MaskData:
         orig_size = image.shape[:2]
-        crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
+        boxes, layer_idxs = crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
         data = MaskData()
-        for crop_box, layer_idx in zip(crop_boxes, layer_idxs):
+        for crop_box, layer_idx in zip(boxes, layer_idxs):
             data.cat(self._process_crop(image, crop_box, layer_idx, orig_size))
 
-        if len(crop_boxes) > 1 and len(data):  # duplicates between crops: prefer smaller crops
+        if len(boxes) > 1 and len(data):  # duplicates between crops: prefer smaller crops
             scores = np.float32(1) / box_area(data["crop_boxes"]).astype(np.float32)
             keep = batched_nms(
                 data["boxes"].astype(np.float32), scores, np.zeros(len(data)), self.crop_nms_thresh

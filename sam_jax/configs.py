@@ -8,6 +8,8 @@ fields of the `Sam` module instead.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Mapping
 
 
@@ -22,6 +24,17 @@ class ImageEncoderConfig:
     window_size: int = 14  # grid padded 64 -> 70 in windowed blocks
     mlp_ratio: float = 4.0
     out_chans: int = 256  # neck output, equals the prompt embedding dim
+
+    def __post_init__(self):
+        _require_ints(self, ("embed_dim", "depth", "num_heads", "image_size", "patch_size", "window_size",
+                             "out_chans"))
+        _require_number(self, "mlp_ratio")
+        indexes = self.global_attn_indexes
+        if not isinstance(indexes, (tuple, list)) or not all(_is_int(i) and 0 <= i < self.depth for i in indexes):
+            raise ValueError(f"global_attn_indexes must be block indices in [0, depth={self.depth}); got {indexes!r}")
+        if self.embed_dim % self.num_heads or self.image_size % self.patch_size:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must divide by num_heads ({self.num_heads}) and "
+                             f"image_size ({self.image_size}) by patch_size ({self.patch_size})")
 
     @property
     def grid_size(self) -> int:
@@ -59,6 +72,21 @@ class SamConfig:
     mask_threshold: float = 0.0
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not isinstance(self.encoder, ImageEncoderConfig):
+            raise ValueError(f"name must be a str and encoder an ImageEncoderConfig; got {self.name!r}, "
+                             f"{type(self.encoder).__name__}")
+        _require_ints(self, ("prompt_embed_dim", "mask_in_chans", "decoder_depth", "decoder_mlp_dim",
+                             "decoder_num_heads", "attention_downsample_rate", "num_multimask_outputs",
+                             "iou_head_depth", "iou_head_hidden_dim"))
+        for name in ("pixel_mean", "pixel_std"):
+            value = getattr(self, name)
+            if not (isinstance(value, (tuple, list)) and len(value) == 3
+                    and all(isinstance(v, numbers.Real) and math.isfinite(v) for v in value)):
+                raise ValueError(f"{name} must be 3 finite numbers (R, G, B); got {value!r}")
+        if not all(v > 0 for v in self.pixel_std):
+            raise ValueError(f"pixel_std must be positive; got {self.pixel_std!r}")
+        if not (isinstance(self.mask_threshold, numbers.Real) and math.isfinite(self.mask_threshold)):
+            raise ValueError(f"mask_threshold must be a finite number; got {self.mask_threshold!r}")
         if self.encoder.out_chans != self.prompt_embed_dim:
             raise ValueError(
                 f"encoder out_chans ({self.encoder.out_chans}) must equal prompt_embed_dim "
@@ -91,6 +119,23 @@ class SamConfig:
             if key in d:
                 d[key] = tuple(d[key])
         return cls(encoder=ImageEncoderConfig(**enc), **d)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _require_ints(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not (_is_int(value) and value >= 1):
+            raise ValueError(f"{type(config).__name__}.{name} must be an integer >= 1; got {value!r}")
+
+
+def _require_number(config: Any, name: str) -> None:
+    value = getattr(config, name)
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{type(config).__name__}.{name} must be a finite number > 0; got {value!r}")
 
 
 CONFIGS: dict[str, SamConfig] = {

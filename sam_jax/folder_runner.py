@@ -3,17 +3,20 @@
 Every input image has one output path in the output folder: a folder (the
 per-image PNGs of `sam-jax segment` / `sam-jax amg`) or a single file (the
 COCO RLE JSON of `sam-jax amg --convert-to-rle`). An output is written under
-a hidden temporary name in the same folder (`.<name>.sam-jax-tmp-<random>`)
-and renamed into place only when complete, so
+a hidden temporary name in the same folder that names its writer
+(`.<name>.sam-jax-tmp-<host>-<pid>-<random>`) and renamed into place only
+when complete, so
 
 * an output that exists is complete, and a re-run skips it (or, with
   `overwrite`, replaces it, again by rename);
 * an interrupted run (Ctrl-C, a crash, a kill) leaves at most a temporary
   entry, which the next run over the same output folder removes before it
-  starts, and that image is done again.
-
-Two runs writing to the same output folder at the same time are not
-supported (each would remove the other's temporary files).
+  starts (when its process is gone), and that image is done again;
+* a run never removes the temporary entry of a live run: another process
+  of this host that is still running, or any process of another host (which
+  it cannot check). Two runs over one folder each skip what the other has
+  finished when they reach it and may both write an image in progress: the
+  later rename wins, and both outputs are complete.
 
 A failure on one image (unreadable file, prompt outside it) is reported in
 one line and counted; the loop goes on with the next image.
@@ -25,6 +28,7 @@ import dataclasses
 import os
 import secrets
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -59,6 +63,30 @@ class Summary:
 
 def is_temp(path: Path) -> bool:
     return path.name.startswith(".") and TEMP_MARK in path.name
+
+
+def writer_tag() -> str:
+    """This process's part of a temporary name: "<host>-<pid>"."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def is_abandoned(path: Path) -> bool:
+    """Whether a temporary entry's writer is gone: a process of this host that no longer runs,
+    or a name without a writer (left by an older version). Another host's entries are live."""
+    tag = path.name.split(TEMP_MARK, 1)[1]
+    host, _, rest = tag.rpartition("-")  # "<host>-<pid>-<random>": rest is <random>
+    host, _, pid = host.rpartition("-")
+    if not host or not pid.isdigit():
+        return True
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def remove(path: Path) -> None:
@@ -101,18 +129,27 @@ class FolderRunner:
         return todo, skipped
 
     def clean_leftovers(self) -> int:
-        """Removes temporary entries an interrupted run left in the output folder."""
+        """Removes temporary entries that interrupted runs left in the output folder."""
         if not self.output_dir.is_dir():
             return 0
-        leftovers = [p for p in self.output_dir.iterdir() if is_temp(p)]
+        leftovers = [p for p in self.output_dir.iterdir() if is_temp(p) and is_abandoned(p)]
         for path in leftovers:
             remove(path)
         return len(leftovers)
 
     def run(self, jobs: list[Job], process: Callable[[Job, Path], None], desc: str = "",
             skipped: int = 0) -> Summary:
-        """Runs `process(job, temp_path)` for each job and renames the result into place."""
+        """Runs `process(job, temp_path)` for each job and renames the result into place. An
+        output folder this call made is removed again if nothing was written to it."""
+        created = not self.output_dir.exists()
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._run_all(jobs, process, desc, skipped)
+        finally:
+            if created and not any(self.output_dir.iterdir()):
+                self.output_dir.rmdir()
+
+    def _run_all(self, jobs: list[Job], process: Callable[[Job, Path], None], desc: str, skipped: int) -> Summary:
         summary = Summary(skipped=skipped, cleaned=self.clean_leftovers())
         if summary.cleaned:
             self.log(f"sam-jax: removed {summary.cleaned} unfinished output(s) of an interrupted run")
@@ -154,7 +191,7 @@ class FolderRunner:
             remove(temp)
 
     def _temp_path(self, final: Path) -> Path:
-        return final.parent / f".{final.name}{TEMP_MARK}{secrets.token_hex(4)}"
+        return final.parent / f".{final.name}{TEMP_MARK}{writer_tag()}-{secrets.token_hex(4)}"
 
 
 def report(summary: Summary, output_dir: Path, stream=None) -> None:

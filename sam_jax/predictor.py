@@ -86,16 +86,20 @@ class SamPredictor:
           masks (C, H, W) bool (float logits if return_logits), iou_predictions
           (C,), low_res_logits (C, 256, 256); C = 3 with multimask_output else 1.
         """
-        batch = lambda x: None if x is None else np.asarray(x)[None]
-        boxes = batch(box) if np.ndim(box) == 1 else box  # (4,), or (1, 4) as the official accepts
-        if boxes is not None and np.shape(boxes)[0] != 1:
-            raise ValueError(
-                f"predict takes one box, (4,); got {np.shape(box)}: use predict_batch for several"
-            )
+        m = self.model.config.low_res_mask_size
+        if box is not None and np.ndim(box) == 2:  # (1, 4) as the official predictor also accepts
+            if np.shape(box)[0] != 1:
+                raise ValueError(f"predict takes one box, (4,); got {np.shape(box)}: use predict_batch for several")
+            box = np.asarray(box)[0]
+        for name, value, shape, text in (("point_coords", point_coords, (None, 2), "(N, 2)"),
+                                         ("point_labels", point_labels, (None,), "(N,)"),
+                                         ("box", box, (4,), "(4,) XYXY"),
+                                         ("mask_input", mask_input, (1, m, m), f"(1, {m}, {m})")):
+            if value is not None and not _fits(np.shape(value), shape):
+                raise ValueError(f"{name} must be {text} (predict takes one prompt); got {np.shape(value)}")
+        one = lambda x: None if x is None else np.asarray(x)[None]
         masks, iou, low_res = self.predict_batch(
-            batch(point_coords), batch(point_labels), boxes, batch(mask_input), multimask_output,
-            return_logits,
-        )
+            one(point_coords), one(point_labels), one(box), one(mask_input), multimask_output, return_logits)
         return masks[0], iou[0], low_res[0]
 
     def predict_batch(
@@ -124,4 +128,9 @@ class SamPredictor:
     def _require_image(self) -> None:
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+
+
+def _fits(shape: tuple, wanted: tuple) -> bool:
+    """Whether `shape` is `wanted`, None matching any size."""
+    return len(shape) == len(wanted) and all(w is None or s == w for s, w in zip(shape, wanted))
 

@@ -41,7 +41,12 @@ def pad_to(x: np.ndarray, axis: int, size: int, value) -> np.ndarray:
 
 def check_prompts(config: SamConfig, point_coords, point_labels, boxes, mask_input) -> Prompts:
     """Validates batched prompts in the original frame (`SamPredictor.predict_batch`'s
-    arguments); returns them as numpy arrays (None where not given)."""
+    arguments); returns them as numpy arrays (None where not given).
+
+    Every given kind must hold the same number of prompts B (prompt b is point_coords[b],
+    boxes[b] and mask_input[b] together). Points and boxes outside the image are used as
+    given, as the official predictor uses them (the positional encoding extends past the
+    image); NaN or infinite values are refused."""
     if point_coords is None and boxes is None and mask_input is None:
         raise ValueError("no prompt: give point_coords + point_labels, a box, or a mask_input")
     if (point_coords is None) != (point_labels is None):
@@ -50,10 +55,7 @@ def check_prompts(config: SamConfig, point_coords, point_labels, boxes, mask_inp
         point_coords = np.asarray(point_coords, np.float64)
         point_labels = np.asarray(point_labels)
         if point_coords.ndim != 3 or point_coords.shape[-1] != 2 or point_coords.shape[1] == 0:
-            raise ValueError(
-                f"point_coords must be (N, 2) with N >= 1 (batched: (B, N, 2)); "
-                f"got {point_coords.shape}"
-            )
+            raise ValueError(f"point_coords must be (B, N, 2) with N >= 1; got {point_coords.shape}")
         if point_labels.shape != point_coords.shape[:2]:
             raise ValueError(
                 f"point_labels must have shape {point_coords.shape[:2]} to match "
@@ -70,7 +72,7 @@ def check_prompts(config: SamConfig, point_coords, point_labels, boxes, mask_inp
     if boxes is not None:
         boxes = np.asarray(boxes, np.float64)
         if boxes.ndim != 2 or boxes.shape[1] != 4:
-            raise ValueError(f"box must be (4,) XYXY (batched: (B, 4)); got {boxes.shape}")
+            raise ValueError(f"boxes must be (B, 4) XYXY; got {boxes.shape}")
         if not np.isfinite(boxes).all():
             raise ValueError("box contains NaN or infinite values")
         if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
@@ -79,10 +81,16 @@ def check_prompts(config: SamConfig, point_coords, point_labels, boxes, mask_inp
         m = config.low_res_mask_size
         mask_input = np.asarray(mask_input, np.float32)
         if mask_input.ndim != 4 or mask_input.shape[1:] != (1, m, m):
-            raise ValueError(
-                f"mask_input must be (1, {m}, {m}) (batched: (B, 1, {m}, {m})); "
-                f"got {mask_input.shape}"
-            )
+            raise ValueError(f"mask_input must be (B, 1, {m}, {m}); got {mask_input.shape}")
+        if not np.isfinite(mask_input).all():
+            raise ValueError("mask_input contains NaN or infinite values (it takes the low-res logits "
+                             "of an earlier prediction)")
+    counts = {name: x.shape[0] for name, x in (("point_coords", point_coords), ("boxes", boxes),
+                                                ("mask_input", mask_input)) if x is not None}
+    if len(set(counts.values())) > 1:
+        given = ", ".join(f"{name} {n}" for name, n in counts.items())
+        raise ValueError(f"prompts disagree on the number of prompts B ({given}): prompt b takes "
+                         "point_coords[b], boxes[b] and mask_input[b] together")
     return point_coords, point_labels, boxes, mask_input
 
 

@@ -20,12 +20,18 @@ A checkpoint records its layout, and `load_params` returns either.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -122,6 +128,20 @@ def check_params_match(expected: Mapping[str, Any], actual: Mapping[str, Any], w
         raise CheckpointError(f"{what}: " + "; ".join(problems))
 
 
+def check_values(arrays: Mapping[str, Any], what: str) -> None:
+    """Raises CheckpointError naming the tensors of {name: array} that are not floating point
+    or hold NaN / infinite values (a cast would hide the one, the model would spread the other)."""
+    problems = []
+    for name, array in arrays.items():
+        array = np.asarray(array)
+        if not jax.dtypes.issubdtype(array.dtype, np.floating):
+            problems.append(f"{name} is {array.dtype}, not floating point")
+        elif (bad := array.size - int(np.isfinite(array.astype(np.float32)).sum())):
+            problems.append(f"{name} holds {bad} NaN or infinite value{'s' * (bad > 1)}")
+    if problems:
+        raise CheckpointError(f"{what}: " + list_keys(problems, limit=4))
+
+
 def abstract_params(config: SamConfig, scan_blocks: bool = False) -> Params:
     """The params tree of `Sam(config)` as ShapeDtypeStructs, without allocating it."""
     model = Sam(config, scan_blocks=scan_blocks)
@@ -140,6 +160,73 @@ def abstract_params(config: SamConfig, scan_blocks: bool = False) -> Params:
 
 
 # ----------------------------------------------------------------------------- saving and loading
+
+
+def error_reason(err: BaseException, limit: int = 300) -> str:
+    """One line of what went wrong. orbax wraps tensorstore's specific error ("OUT_OF_RANGE: Error
+    reading ... byte range ...") in a generic one; the innermost tensorstore error of the chain
+    is the reason when there is one, else `err`'s own message."""
+    reason, chained = err, err
+    while chained is not None:
+        if _TENSORSTORE_STATUS.match(str(chained)):
+            reason = chained
+        chained = chained.__cause__ or chained.__context__
+    return " ".join(str(reason).split())[:limit] or type(reason).__name__
+
+
+_TENSORSTORE_STATUS = re.compile(r"[A-Z_]{4,}: ")  # absl status codes: NOT_FOUND, OUT_OF_RANGE, ...
+
+
+class _DropEchoes(logging.Filter):
+    """Drops ERROR records that contain every one of `words`."""
+
+    def __init__(self, *words: str):
+        super().__init__()
+        self.words = words
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (record.levelno >= logging.ERROR and all(w in text for w in self.words))
+
+
+@contextlib.contextmanager
+def orbax_failures_quiet(directory: str | os.PathLike) -> Iterator[None]:
+    """Keeps a failed orbax read or write of `directory` to the one error it raises.
+
+    orbax reads and writes a checkpoint's arrays concurrently in threads and event loops.
+    When one of them fails, the error is raised here; besides it, the operations still in
+    flight report "Event loop is closed" through `sys.unraisablehook`, orbax's threads log
+    the error again (logger "absl"), and asyncio reports their futures as never retrieved
+    when they are collected, as late as the interpreter's exit: a stream of tracebacks.
+    Those echoes, and only those, are dropped: the loop reports while the block runs and
+    until they stop (milliseconds), orbax's logs while it runs, and asyncio's notices of
+    failures that name `directory` from then on.
+    """
+    previous = sys.unraisablehook
+    last_echo = [time.monotonic()]
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            last_echo[0] = time.monotonic()
+        else:
+            previous(unraisable)
+
+    orbax_logs = _DropEchoes("raised an exception")
+    logging.getLogger("absl").addFilter(orbax_logs)
+    sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException:
+        logging.getLogger("asyncio").addFilter(_DropEchoes("exception was never retrieved", str(directory)))
+        last_echo[0] = deadline = time.monotonic()
+        deadline += 2.0
+        while time.monotonic() < deadline and time.monotonic() - last_echo[0] < 0.2:
+            time.sleep(0.02)
+        raise
+    finally:
+        sys.unraisablehook = previous
+        logging.getLogger("absl").removeFilter(orbax_logs)
 
 
 def save_params(
@@ -164,12 +251,19 @@ def save_params(
             raise FileExistsError(f"{directory} exists and is not a sam_jax checkpoint; not replacing it")
     layout = layout_of(params)
     check_params_match(abstract_params(config, layout == SCANNED), params, "params to save")
+    check_values(flatten(params), "params to save")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".staging", dir=directory.parent))
     try:
         staged = staging / "checkpoint"
         staged.mkdir()
-        ocp.PyTreeCheckpointer().save(staged / PARAMS_DIR, jax.tree_util.tree_map(np.asarray, params))
+        try:
+            with orbax_failures_quiet(staging):
+                ocp.PyTreeCheckpointer().save(staged / PARAMS_DIR, jax.tree_util.tree_map(np.asarray, params))
+        except (OSError, ValueError) as err:  # tensorstore reports a failed write as a ValueError
+            failure = OSError(f"{directory}: cannot write the checkpoint ({_write_error_reason(err)})")
+            failure.errno = _write_error_errno(err)
+            raise failure from None
         metadata = {"format": FORMAT, "config": config.to_dict(), "layout": layout, "source": source}
         (staged / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         if directory.exists():
@@ -178,6 +272,19 @@ def save_params(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def _write_error_errno(err: Exception) -> int:
+    if isinstance(err, OSError) and err.errno:
+        return err.errno
+    match = re.search(r"os_error_code='(\d+)'", str(err))
+    return int(match.group(1)) if match else errno.EIO
+
+
+def _write_error_reason(err: Exception) -> str:
+    """The OS's words for a failed write (e.g. "No space left on device"), else the error's."""
+    code = _write_error_errno(err)
+    return os.strerror(code) if code != errno.EIO else " ".join(str(err).split())[:200]
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
@@ -210,10 +317,12 @@ def load_params(
     except (TypeError, KeyError, ValueError) as err:
         raise CheckpointError(f"{directory / METADATA_FILE}: bad config ({err})") from err
     try:
-        params = ocp.PyTreeCheckpointer().restore(directory / PARAMS_DIR)
+        with orbax_failures_quiet(directory):
+            params = ocp.PyTreeCheckpointer().restore(directory / PARAMS_DIR)
     except Exception as err:  # orbax raises many types for unreadable or partial files
-        raise CheckpointError(f"{directory / PARAMS_DIR}: cannot restore params ({err})") from err
+        raise CheckpointError(f"{directory / PARAMS_DIR}: cannot restore params ({error_reason(err)})") from err
     check_params_match(abstract_params(config, metadata["layout"] == SCANNED), params, str(directory))
+    check_values(flatten(params), str(directory))
     params = to_layout(params, config, SCANNED if scan_blocks else LOOPED)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
     return config, params

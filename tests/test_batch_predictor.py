@@ -142,6 +142,11 @@ def two_images():
     ([dict(boxes=np.zeros((1, 4))), dict(box=np.zeros((1, 4)))], "image 1: unknown prompt keys"),
     ([dict(boxes=np.zeros((1, 4))), dict(boxes=np.array([[5.0, 0, 1, 1]]))], "image 1: box must be XYXY"),
     ([dict(boxes=np.zeros((1, 4))), dict()], "image 1: no prompt"),
+    ([dict(boxes=np.zeros((1, 4))), dict(point_coords=np.zeros((3, 1, 2)), point_labels=np.ones((3, 1)),
+                                         boxes=np.zeros((2, 4)))],
+     r"image 1: prompts disagree on the number of prompts B \(point_coords 3, boxes 2\)"),
+    ([dict(mask_input=np.full((1, 1, 64, 64), np.nan)), dict(mask_input=np.zeros((1, 1, 64, 64)))],
+     "image 0: mask_input contains NaN"),
 ])
 def test_bad_prompts_name_the_image(two_images, prompts, message):
     with pytest.raises(ValueError, match=message):

@@ -21,11 +21,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import relative_error
-from sam_jax import CheckpointError, Sam, load_sam, save_params
-from sam_jax import weights
+from sam_jax import CheckpointError, Sam, load_sam, save_params, weights
+from sam_jax.configs import get_config
 from sam_jax.tree_paths import flatten, unflatten
 from sam_jax.weights import METADATA_FILE, PARAMS_DIR
-from sam_jax.configs import get_config
 
 SCAN_TOLERANCE = 1e-6
 
@@ -120,6 +119,27 @@ def test_param_dtype(tiny, saved):
     assert_params_equal(loaded, expected, "bf16 params vs saved params rounded to bf16")
 
 
+def test_a_failed_read_is_one_error_and_nothing_else(saved, tmp_path):
+    """orbax reads arrays concurrently: when one read fails, the others report 'Event loop is
+    closed' through sys.unraisablehook (tracebacks on stderr) unless load_params quiets them."""
+    import sys
+    import time
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(saved["looped"], checkpoint)
+    for path in (checkpoint / PARAMS_DIR / "d").iterdir():  # the arrays' data files
+        path.unlink()
+    reports = []
+    previous, sys.unraisablehook = sys.unraisablehook, lambda unraisable: reports.append(unraisable.exc_value)
+    try:
+        with pytest.raises(CheckpointError, match="cannot restore params"):
+            load_sam(checkpoint)
+        time.sleep(0.3)  # stragglers come within milliseconds of the failure
+    finally:
+        sys.unraisablehook = previous
+    assert not reports, reports[:3]
+
+
 def test_save_params_is_strict(tiny, saved, tmp_path):
     config, _, params = tiny
     with pytest.raises(FileExistsError):
@@ -128,6 +148,27 @@ def test_save_params_is_strict(tiny, saved, tmp_path):
     with pytest.raises(CheckpointError, match="params to save: missing mask_decoder/iou_token/embedding"):
         save_params(tmp_path / "bad", unflatten(bad), config)
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(CheckpointError, match="params to save: mask_decoder/iou_token/embedding holds 1 NaN"):
+        save_params(tmp_path / "bad", _with_value(params, "mask_decoder/iou_token/embedding", _nan_at_first), config)
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.iterdir())
+
+
+def test_save_params_replaces_only_a_checkpoint(tiny, saved, tmp_path):
+    """overwrite=True swaps a checkpoint for a new one (the training export); any other folder stays."""
+    config, _, params = tiny
+    target = tmp_path / "model"
+    save_params(target, params, config, source="first")
+    save_params(target, _with_value(params, "image_encoder/pos_embed", lambda x: x + 1), config, source="second",
+                overwrite=True)
+    assert read_metadata(target)["source"] == "second"
+    np.testing.assert_array_equal(flatten(load_sam(target)[1])["image_encoder/pos_embed"],
+                                  np.asarray(flatten(params)["image_encoder/pos_embed"]) + 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging left behind
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="is not a sam_jax checkpoint; not replacing it"):
+        save_params(tmp_path / "mine", params, config, overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 # ----------------------------------------------------------------------------- errors
@@ -145,6 +186,17 @@ def _with_extra_key(params: dict) -> dict:
 
 def _without_key(params: dict) -> dict:
     return unflatten({k: v for k, v in flatten(params).items() if k != "mask_decoder/iou_token/embedding"})
+
+
+def _with_value(params: dict, key: str, value) -> dict:
+    flat = flatten(params)
+    return unflatten({**flat, key: value(np.asarray(flat[key]))})
+
+
+def _nan_at_first(x: np.ndarray) -> np.ndarray:
+    x = x.copy()
+    x.flat[0] = np.nan
+    return x
 
 
 def _replace_all(checkpoint: Path) -> None:
@@ -178,6 +230,23 @@ BROKEN: dict[str, tuple[Callable, list[str]]] = {
                                "(32,) != expected (768,)"]),
     "metadata claims scanned": (lambda ckpt, params: write_metadata(ckpt, layout="scanned"),
                                 ["missing image_encoder/block_groups/", "unexpected image_encoder/blocks_0/"]),
+    # Values a cast would hide, or that would spread through every prediction.
+    "a NaN weight": (lambda ckpt, params: write_raw_params(ckpt, _with_value(
+        params, "mask_decoder/iou_token/embedding", _nan_at_first)),
+                     ["mask_decoder/iou_token/embedding holds 1 NaN or infinite value"]),
+    "an infinite weight": (lambda ckpt, params: write_raw_params(ckpt, _with_value(
+        params, "image_encoder/pos_embed", lambda x: np.full_like(x, np.inf))),
+                           ["image_encoder/pos_embed holds", "NaN or infinite values"]),
+    "an integer weight": (lambda ckpt, params: write_raw_params(ckpt, _with_value(
+        params, "image_encoder/neck_1/bias", lambda x: x.astype(np.int32))),
+                          ["image_encoder/neck_1/bias is int32, not floating point"]),
+    # A config of the right keys with a wrong type: refused when read, not deep inside the model.
+    "a string embed_dim": (lambda ckpt, params: write_metadata(ckpt, config={
+        **read_metadata(ckpt)["config"], "encoder": {**read_metadata(ckpt)["config"]["encoder"], "embed_dim": "big"}}),
+                           [METADATA_FILE, "bad config", "embed_dim must be an integer >= 1; got 'big'"]),
+    "a negative depth": (lambda ckpt, params: write_metadata(ckpt, config={
+        **read_metadata(ckpt)["config"], "decoder_depth": -2}),
+                         [METADATA_FILE, "bad config", "decoder_depth must be an integer >= 1; got -2"]),
 }
 
 

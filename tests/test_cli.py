@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,11 +36,11 @@ from PIL import Image
 
 from experiments.sample_image import synthetic_image
 from sam_jax import SamPredictor, load_sam, save_params
-from sam_jax.tree_paths import flatten
 from sam_jax.cli import main
 from sam_jax.cli import segment as segment_cli
-from sam_jax.folder_runner import TEMP_MARK
+from sam_jax.folder_runner import TEMP_MARK, FolderRunner, Job
 from sam_jax.image_io import ImageError, read_image
+from sam_jax.tree_paths import flatten
 
 # Copied from the official scripts/amg.py (write_masks_to_folder).
 OFFICIAL_METADATA_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
@@ -210,6 +211,41 @@ def test_folder_resume(capsys, checkpoint, folder, tmp_path, monkeypatch):
     assert tree(out_dir) == FOLDER_OUTPUT
 
 
+def test_a_live_runs_temporary_outputs_are_not_removed(tmp_path):
+    """Two runs over one output folder: the second removes what dead runs left, never what a
+    running one (another live process of this host, or any process of another host) is writing."""
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    out = tmp_path / "out"
+    out.mkdir()
+    entries = {
+        f".a{TEMP_MARK}{host}-{live.pid}-0a1b2c3d": True,  # a live run of this host, writing a.png's output
+        f".b.json{TEMP_MARK}{host}-{dead.pid}-0a1b2c3d": False,  # a run of this host that died
+        f".c{TEMP_MARK}other-host-77-0a1b2c3d": True,  # another host's: it cannot be checked from here
+        f".d{TEMP_MARK}dead": False,  # an older version's name, without its writer
+    }
+    try:
+        for name in entries:
+            (out / name).mkdir()
+        logged = []
+        summary = FolderRunner(out, "dir", log=logged.append).run([], lambda job, path: None)
+    finally:
+        live.kill()
+        live.wait()
+    assert summary.cleaned == 2 and logged == ["sam-jax: removed 2 unfinished output(s) of an interrupted run"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(name for name, kept in entries.items() if kept)
+
+
+def test_temporary_outputs_name_their_writer(tmp_path):
+    names = []
+    FolderRunner(tmp_path / "out", "file").run([Job(tmp_path / "a.png", tmp_path / "out" / "a.json")],
+                                               lambda job, path: (names.append(path.name), path.write_text("[]")))
+    assert names[0].startswith(f".a.json{TEMP_MARK}{socket.gethostname()}-{os.getpid()}-")
+    assert (tmp_path / "out" / "a.json").read_text() == "[]"
+
+
 def test_incomplete_existing_output_is_not_overwritten(capsys, checkpoint, image_a, tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "mine.txt").write_text("keep me")
@@ -375,6 +411,9 @@ BAD_CHECKPOINTS = {
                                              "convert it first: sam-jax convert"),
     "a folder that is not a checkpoint": ("{r}/empty",
                                           "not a converted sam_jax checkpoint (no sam_jax.json)"),
+    "a config of the wrong type": ("{r}/bad_config", "{r}/bad_config/sam_jax.json: bad config "
+                                                     "(ImageEncoderConfig.embed_dim must be an integer >= 1; got 'big')"),
+    "a NaN weight": ("{r}/nan_weight", "{r}/nan_weight: mask_decoder/iou_token/embedding holds 1 NaN or infinite value"),
 }
 BAD_AMG = {
     "points per side 0": (["--points-per-side", "0"],
@@ -384,14 +423,38 @@ BAD_AMG = {
     "nms not a number": (["--box-nms-thresh", "x"], "argument --box-nms-thresh: expected a number in [0, 1]"),
     "model type mismatch": (["--model-type", "vit_b"], "is a vit_tiny checkpoint, not --model-type vit_b"),
     "not an image": (["--input", "{r}/text.jpg"], "{r}/text.jpg: not an image"),
+    # A zero-width crop named as what it is, before the model loads, and no empty output folder.
+    "more crop layers than the image holds": (["--crop-n-layers", "5", "--points-per-side", "4"],
+                                              "{r}/a.png: crop_n_layers=5 is too many for a 120x160 image: layer 4 "
+                                              "has crops outside it (XYXY [0, 120, 15, 120]); use crop_n_layers <= 3"),
 }
 
 
 @pytest.fixture(scope="module")
-def bad_root(tmp_path_factory, image_a) -> Path:
+def bad_root(tmp_path_factory, image_a, checkpoint) -> Path:
     root = tmp_path_factory.mktemp("bad")
     _write_bad_inputs(root, image_a)
+    _write_bad_checkpoints(root, checkpoint)
     return root
+
+
+def _write_bad_checkpoints(root: Path, checkpoint: Path) -> None:
+    """Converted checkpoints that read but must not load: a config of the wrong type, a NaN weight."""
+    import orbax.checkpoint as ocp
+
+    from sam_jax.tree_paths import unflatten
+
+    bad_config = root / "bad_config"
+    shutil.copytree(checkpoint, bad_config)
+    metadata = json.loads((bad_config / "sam_jax.json").read_text())
+    metadata["config"]["encoder"]["embed_dim"] = "big"
+    (bad_config / "sam_jax.json").write_text(json.dumps(metadata))
+    nan_weight = root / "nan_weight"
+    shutil.copytree(checkpoint, nan_weight)
+    params = {k: np.array(v) for k, v in flatten(load_sam(checkpoint)[1]).items()}
+    params["mask_decoder/iou_token/embedding"].flat[0] = np.nan
+    shutil.rmtree(nan_weight / "params")
+    ocp.PyTreeCheckpointer().save(nan_weight.absolute() / "params", unflatten(params))
 
 
 def assert_fails_cleanly(capsys, bad_root: Path, args: list[str], expected: str) -> None:

@@ -411,3 +411,18 @@ def test_builder_bad_records(tmp_path, good_records):
     json_path.write_text("{")
     with pytest.raises(BadRecordError, match="no record can be salvaged"):
         prepare(tmp_path / "corrupt", manual_dir=str(root), on_bad_record="skip")
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_a_file_name_that_is_not_utf8_on_disk_is_prepared(tmp_path, mode):
+    """Python names such a file with surrogate escapes (as json.dumps writes a listing of it); the
+    image is read, and the record keeps the undecodable byte as a backslash escape."""
+    data = coco_json()
+    data["images"][0]["file_name"] = os.fsdecode(b"caf\xe9.png")  # "caf\udce9.png"
+    json_path, image_dir = write_split(tmp_path / "coco", data=data)
+    assert os.path.exists(os.fsencode(image_dir) + b"/caf\xe9.png")  # the bytes on disk are not UTF-8
+    builder = prepare(tmp_path, splits={"val": (json_path, image_dir)}, on_bad_record=mode)
+    record = records_of(builder, "val")[data["images"][0]["id"]]
+    assert _text(record["file_name"]) == "caf\\xe9.png"
+    with Image.open(os.fsencode(image_dir) + b"/caf\xe9.png") as image:
+        assert np.array_equal(_pixels(record["image"]), np.asarray(image.convert("RGB")))

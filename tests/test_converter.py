@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -288,6 +289,11 @@ BAD_STATE_DICTS = {
                      ["not a SAM checkpoint", "image_encoder.patch_embed.proj.weight"]),
     "resnet-like": (lambda sd: _resnet_like(), ["not a SAM checkpoint"]),
     "unknown SAM size": (lambda sd: _unknown_size(), ["matches no known model type", "embed_dim=48"]),
+    # Values that a float32 cast would hide or the model would spread: refused, naming the tensor.
+    "a NaN weight": (lambda sd: {**sd, QKV: sd[QKV].index_fill(0, torch.tensor([3]), float("nan"))},
+                     [QKV, "holds 32 NaN or infinite values"]),
+    "an integer weight": (lambda sd: {**sd, "mask_decoder.iou_token.weight": sd["mask_decoder.iou_token.weight"].int()},
+                          ["mask_decoder.iou_token.weight is int32, not floating point"]),
 }
 
 
@@ -336,6 +342,22 @@ def test_existing_output_is_untouched(tiny_pth, tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     assert_fails(capsys, tiny_pth, out, str(out), "already exists")
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_pth, tmp_path):
+    """Converting onto a 400 kB tmpfs (a private mount namespace: no root needed where user
+    namespaces are allowed): one line naming the output and the OS error, exit 2, nothing left."""
+    unshare = shutil.which("unshare")
+    assert unshare, "util-linux's unshare is needed to mount a small filesystem"
+    full = tmp_path / "full"
+    full.mkdir()
+    script = (f"mount -t tmpfs -o size=400k tmpfs {full} && "
+              f"{sys.executable} -m checkpoints_convert.convert {tiny_pth} {full}/out; "
+              f"echo rc=$?; ls -A {full}")
+    result = subprocess.run([unshare, "--map-root-user", "--mount", "sh", "-c", script], capture_output=True,
+                            text=True, timeout=300)
+    assert result.stdout.split() == ["rc=2"], result.stdout + result.stderr  # rc 2, and `ls` lists nothing
+    assert result.stderr.strip() == f"error: {full}/out: cannot write the checkpoint (No space left on device)"
 
 
 def test_failure_while_saving_leaves_nothing(tiny_pth, tmp_path, monkeypatch):

@@ -47,6 +47,69 @@ def test_eval_writes_json_markdown_and_plot_with_the_protocols_figures(tiny, che
     assert (tmp_path / "miou_vs_clicks.png").stat().st_size > 1000
 
 
+def oracle_predictor(instances, empty: bool):
+    """A SamBatchPredictor stand-in that answers each ground-truth box with that box's own
+    ground-truth mask and score 1 (or with an empty mask): COCO mask AP is then exactly 1 (or 0)."""
+    truth = {}
+    for x in instances:
+        for box, mask in zip(np.asarray(x.boxes, np.float32), x.masks):
+            xyxy = np.concatenate([box[:2], box[:2] + box[2:]])
+            truth[(x.image.tobytes(), tuple(np.round(xyxy, 3)))] = mask
+
+    class Oracle:
+        def __init__(self, model, params):
+            self.images = []
+
+        def set_images(self, images):
+            self.images = list(images)
+
+        def predict_batch(self, prompts, multimask_output=True, return_logits=False):
+            out = []
+            for image, prompt in zip(self.images, prompts):
+                masks = np.stack([truth[(image.tobytes(), tuple(np.round(b, 3)))] for b in prompt["boxes"]])
+                masks = (np.zeros_like(masks) if empty else masks)[:, None]
+                out.append((masks, np.ones((len(masks), 1), np.float32), None))
+            return out
+
+    return Oracle
+
+
+@pytest.mark.parametrize("empty, expected", [(False, 1.0), (True, 0.0)])
+def test_the_command_reports_the_ap_of_known_masks(checkpoint, synthetic_data_dir, tmp_path, monkeypatch,
+                                                   empty, expected):
+    """With masks that equal the ground truth COCO mask AP, AP50 and AP75 are 1; empty, 0."""
+    import sam_jax.batch_predictor
+
+    source = open_source("sam_synthetic/small", "validation", synthetic_data_dir)
+    instances = [read_instances(source[i]) for i in range(3)]
+    monkeypatch.setattr(sam_jax.batch_predictor, "SamBatchPredictor", oracle_predictor(instances, empty))
+    assert run_eval(checkpoint, synthetic_data_dir, tmp_path, "--num-images", "3", "--protocols", "boxes") == 0
+    ap = json.loads((tmp_path / "results.json").read_text())["boxes"]["mask_ap"]
+    assert (ap["AP"], ap["AP50"], ap["AP75"]) == (expected, expected, expected)
+    sizes = [ap[k] for k in ("APs", "APm", "APl") if ap[k] != -1.0]  # -1: no object of that size
+    assert sizes and all(v == expected for v in sizes)
+
+
+def test_detections_for_images_not_evaluated_are_named(checkpoint, synthetic_data_dir, tmp_path, capsys):
+    """A detections file of another split: an error, not an AP of 0; partly covered: a warning."""
+    source = open_source("sam_synthetic/small", "validation", synthetic_data_dir)
+    other = [{"image_id": 10**6 + i, "category_id": 1, "bbox": [1.0, 1.0, 5.0, 5.0], "score": 0.9} for i in range(7)]
+    path = tmp_path / "detections.json"
+    path.write_text(json.dumps(other))
+    assert run_eval(checkpoint, synthetic_data_dir, tmp_path / "out", "--num-images", "2", "--protocols", "boxes",
+                    "--boxes", str(path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"--boxes {path}: no detection is for any of the 2 evaluated images" in err
+    assert "image_id 1000000, 1000001, 1000002, 1000003, 1000004, ..." in err
+    assert not (tmp_path / "out").exists()
+    mine = {"image_id": int(source[0]["image_id"]), "category_id": 1, "bbox": [1.0, 1.0, 5.0, 5.0], "score": 0.9}
+    path.write_text(json.dumps(other + [mine]))
+    assert run_eval(checkpoint, synthetic_data_dir, tmp_path / "out", "--num-images", "2", "--protocols", "boxes",
+                    "--boxes", str(path)) == 0
+    assert ("eval: warning: detections of 7 image(s) in " f"{path} were not evaluated (not among the 2 evaluated "
+            "images of sam_synthetic/small validation)") in capsys.readouterr().err
+
+
 def test_random_first_clicks_are_an_option(checkpoint, synthetic_data_dir, tmp_path):
     assert run_eval(checkpoint, synthetic_data_dir, tmp_path, "--num-images", "2", "--clicks", "1",
                     "--protocols", "points", "--first-click", "random", "--seed", "4") == 0

@@ -6,7 +6,9 @@ encoder, the mask decoder and postprocessing to logits at the original image
 size, against the official modules on the same seeded random weights.
 Tolerances (fp32, CPU): relative L2 <= 1e-5 on the image embedding, <= 1e-4
 on mask logits and IoU predictions; binary masks agree except at pixels
-whose logit is within 1e-4 of the threshold.
+whose logit is within 1e-4 of the threshold. `test_predictors_from_original_images`
+also starts from images of other sizes (portrait, odd, thin), which both
+predictors resize with ResizeLongestSide.
 """
 
 from __future__ import annotations
@@ -117,3 +119,42 @@ def test_masks_and_iou(pipeline, prompt, with_mask, multimask):
     assert max(errors.values()) < 1e-4, errors
     disagree = (np.asarray(logits) > 0) != (ref_logits.numpy() > 0)
     assert np.all(np.abs(ref_logits.numpy()[disagree]) < 1e-4), "binary masks differ away from the threshold"
+
+
+# Original images as users pass them: resized by ResizeLongestSide on both sides (the official
+# through the stand-ins, whose resize equals torchvision's: test_stand_ins.py). A portrait with odd
+# sides for every size; for the two cheap ones also an odd landscape and a thin portrait.
+PORTRAIT = (1001, 749)  # -> 1024 x 766 at the released input size
+MORE_ORIGINALS = {"vit_tiny": [(333, 517), (1203, 97)], "vit_b": [(333, 517), (1203, 97)]}
+
+
+@torch.no_grad()
+def test_predictors_from_original_images(pipeline):
+    from conftest import official_module
+    from sam_jax.predictor import SamPredictor
+
+    p = pipeline
+    official = official_module("predictor").SamPredictor(p["ref"])
+    ours = SamPredictor(p["model"], p["params"])
+    for k, (h, w) in enumerate([PORTRAIT, *MORE_ORIGINALS.get(p["name"], [])]):
+        image = synthetic_image(h, w, seed=10 + k)
+        official.set_image(image)
+        ours.set_image(image)
+        assert ours.input_size == tuple(official.input_size) and ours.original_size == (h, w)
+        assert max(ours.input_size) == p["config"].image_size
+        error = relative_error(np.asarray(ours.get_image_embedding()), official.get_image_embedding())
+        report(f"{p['name']} {h}x{w} original: image embedding", error)
+        assert error < 1e-5
+        coords = p["rng"].uniform(0, 1, (3, 2)) * [w - 1, h - 1]
+        box = np.array([0.1 * w, 0.2 * h, 0.7 * w, 0.9 * h])
+        prompt = dict(point_coords=coords, point_labels=np.array([1, 0, 1]), box=box, multimask_output=True,
+                      return_logits=True)
+        ref_logits, ref_iou, ref_low_res = official.predict(**prompt)
+        logits, iou, low_res = ours.predict(**prompt)
+        assert logits.shape == ref_logits.shape == (3, h, w)
+        errors = {"logits": relative_error(logits, ref_logits), "iou": relative_error(iou, ref_iou),
+                  "low-res logits": relative_error(low_res, ref_low_res)}
+        report(f"{p['name']} {h}x{w} original: predict", max(errors.values()))
+        assert max(errors.values()) < 1e-4, errors
+        disagree = (logits > 0) != (ref_logits > 0)
+        assert np.all(np.abs(ref_logits[disagree]) < 1e-4), "binary masks differ away from the threshold"

@@ -134,6 +134,11 @@ def test_a_predictor_of_the_clicked_connected_region_scores_the_hand_count():
     np.testing.assert_allclose(result.iou, [[1.0, 1.0], [0.5, 0.5], [0.5, 0.5]])
     np.testing.assert_allclose(result.miou(), [2 / 3, 2 / 3])
     assert result.summary()["miou"] == {"1": pytest.approx(2 / 3), "2": pytest.approx(2 / 3)}
+    # By mask size, in images of 16 x 12 (the frame's rest is padding): 80 / 192 px and 64 / 192 px.
+    by_size = run_protocol(_predictor(answer), targets, valid, ids, ProtocolConfig(num_clicks=2),
+                           image_hw=np.array([[16, 12], [16, 12]])).summary()["miou_by_mask_size"]
+    assert by_size == {"10-100%": {"num_masks": 3, "miou": {"1": pytest.approx(2 / 3), "2": pytest.approx(2 / 3)}}}
+    np.testing.assert_allclose(result.mask_fraction, [80 / 256, 64 / 256, 64 / 256])  # the whole frame by default
 
 
 def test_the_oracle_takes_the_best_of_three_at_the_first_click_only():
@@ -193,3 +198,24 @@ def test_bad_protocol_config_is_refused():
         ProtocolConfig(first_click="edge")
     with pytest.raises(ValueError, match="num_clicks"):
         ProtocolConfig(num_clicks=0)
+
+
+def test_the_ambiguity_ceiling_answers_each_click_with_the_smallest_mask_holding_it():
+    """An object with a part at its centre: its first click lands in the part (ambiguous), so the
+    ceiling scores part / object for it and 1 for the part; a separate mask scores 1."""
+    from experiments.ambiguity_ceiling import image_ceiling, summarize
+    from sam_jax.evaluation.instances import Instances
+
+    masks = np.zeros((3, 40, 60), bool)
+    masks[0, 5:35, 5:35] = True  # the object, 900 px; its centre is inside the part
+    masks[1, 15:25, 15:25] = True  # the part, 100 px
+    masks[2, 10:20, 45:55] = True  # a separate object
+    instances = Instances(np.zeros((40, 60, 3), np.uint8), 7, "x.png", masks, np.zeros((3, 4), np.float32),
+                          np.arange(3), np.ones(3, np.int64), np.zeros(3, bool))
+    rows = image_ceiling(instances)
+    assert [r["masks_at_click"] for r in rows] == [2, 2, 1]
+    np.testing.assert_allclose([r["iou"] for r in rows], [100 / 900, 1.0, 1.0])
+    summary = summarize(rows)
+    assert summary["ceiling_miou"] == pytest.approx((100 / 900 + 2) / 3)
+    assert summary["ambiguous_clicks"] == pytest.approx(2 / 3)
+    assert summary["by_mask_size"]["10-100%"]["num_masks"] == 1  # 900 / 2400 px

@@ -15,9 +15,8 @@ import torch
 
 from conftest import official_module, relative_error
 from experiments.sample_image import synthetic_image
-from sam_jax.modeling import Sam
+from sam_jax.modeling import Sam, decode_prompts
 from sam_jax.modeling.prompt_encoder import PADDING
-from sam_jax.modeling import decode_prompts
 from sam_jax.predictor import SamPredictor
 
 
@@ -39,6 +38,9 @@ PROMPTS = {
     "box": dict(box=np.array([50.0, 40.0, 300.0, 250.0])),
     "points + box": dict(point_coords=np.array([[120.0, 100.0]]), point_labels=np.array([0]),
                          box=np.array([50.0, 40.0, 300.0, 250.0])),
+    # Used as given, as the official predictor uses them (a detector's box may overhang).
+    "outside the image": dict(point_coords=np.array([[-25.0, 310.0], [450.0, -5.0]]), point_labels=np.array([1, 0]),
+                              box=np.array([-20.0, -10.0, 430.0, 320.0])),
 }
 
 
@@ -107,11 +109,28 @@ def test_image_embedding_and_bgr(predictors, tiny):
     (dict(box=np.zeros(3)), r"box must be \(4,\)"),
     (dict(box=np.zeros((2, 4))), "predict takes one box"),
     (dict(box=np.zeros(4), mask_input=np.zeros((256, 256))), r"mask_input must be \(1, 64, 64\)"),
+    # The shape named is the one given, not the batched one.
+    (dict(box=np.zeros(4), mask_input=np.zeros((64, 64))), r"mask_input must be \(1, 64, 64\) .*got \(64, 64\)$"),
+    (dict(point_coords=np.zeros((2,)), point_labels=np.ones(1)), r"got \(2,\)$"),
+    (dict(box=np.zeros(4), mask_input=np.full((1, 64, 64), np.nan)), "mask_input contains NaN or infinite"),
+    (dict(box=np.zeros(4), mask_input=np.full((1, 64, 64), np.inf)), "mask_input contains NaN or infinite"),
 ])
 def test_bad_prompts_are_named(predictors, kwargs, message):
     _, ours, _ = predictors
     with pytest.raises(ValueError, match=message):
         ours.predict(**kwargs)
+
+
+@pytest.mark.parametrize("num_points, num_boxes", [(3, 2), (2, 3), (1, 3)])
+def test_prompts_of_different_counts_are_refused_not_padded(predictors, num_points, num_boxes):
+    """Prompt b is point_coords[b] with boxes[b]: counts that disagree would pad a box or a point."""
+    _, ours, _ = predictors
+    with pytest.raises(ValueError, match=f"disagree on the number of prompts B \\(point_coords {num_points}, "
+                                         f"boxes {num_boxes}\\)"):
+        ours.predict_batch(point_coords=np.zeros((num_points, 1, 2)), point_labels=np.ones((num_points, 1)),
+                           boxes=np.array([[0.0, 0.0, 5.0, 5.0]] * num_boxes))
+    with pytest.raises(ValueError, match="mask_input 2"):
+        ours.predict_batch(boxes=np.zeros((3, 4)), mask_input=np.zeros((2, 1, 64, 64)))
 
 
 def test_bad_images_and_missing_image_are_named(tiny):

@@ -284,3 +284,68 @@ def test_mismatching_structure_is_a_clear_error(tmp_path):
             ckpt.restore(abstract, step=4)
     with pytest.raises(FileNotFoundError, match=re.escape(f"no checkpoint to restore in {tmp_path}/empty/checkpoints")):
         TrainStateCheckpointer(tmp_path / "empty").restore(abstract)
+
+
+def _truncate_largest_state_file(step_dir):
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[:10])
+
+
+CORRUPTIONS = {
+    # name: (damage to the newest checkpoint's folder, what the logged line must name)
+    "truncated data file": (_truncate_largest_state_file, "is not valid for value of size 10"),
+    "deleted _METADATA": (lambda d: (d / "state" / "_METADATA").unlink(), "_METADATA"),
+    "invalid JSON in data/metadata": (lambda d: (d / "data" / "metadata").write_text('{"next_index": '),
+                                      "data/metadata: not a readable JSON file"),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, corruption):
+    damage, named = CORRUPTIONS[corruption]
+    states = {step: make_state(seed=step, steps=step) for step in (2, 3)}
+    with TrainStateCheckpointer(tmp_path, async_save=False) as ckpt:
+        for step, state in states.items():
+            ckpt.save(step, state, {"next_index": step})
+    damage(tmp_path / "checkpoints" / "3")
+    with caplog.at_level(logging.WARNING, logger="sam_jax.training.state_checkpoints"):
+        with TrainStateCheckpointer(tmp_path) as ckpt:
+            restored, data_state, _ = ckpt.restore(abstract_of(states[2]))
+            assert_bit_identical(restored, states[2])
+            assert data_state == {"next_index": 2}
+            assert ckpt.save(3, states[3], {"next_index": 3}, force=True)  # the run goes on past it
+    (line,) = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert f"checkpoint of step 3 in {tmp_path}/checkpoints cannot be read" in line and named in line
+    assert f"moved it to {tmp_path}/checkpoints/3.unreadable and restoring step 2 instead" in line
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "3", "3.unreadable"]  # none deleted
+    assert_bit_identical(TrainStateCheckpointer(tmp_path).restore(abstract_of(states[3]))[0], states[3])
+
+
+def test_no_readable_checkpoint_or_an_unreadable_chosen_one_is_one_line(tmp_path):
+    state = make_state()
+    with TrainStateCheckpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(2, state, {"next_index": 2})
+        ckpt.save(3, state, {"next_index": 3})
+    (tmp_path / "checkpoints" / "2" / "meta" / "metadata").write_text("[")
+    with pytest.raises(CheckpointError, match=r"checkpoint of step 2 in .* cannot be read \(.*meta/metadata: not a "
+                                              r"readable JSON file"):
+        TrainStateCheckpointer(tmp_path).restore(abstract_of(state), step=2)  # chosen: no fallback
+    (tmp_path / "checkpoints" / "3" / "state" / "_METADATA").unlink()
+    with pytest.raises(CheckpointError) as err:
+        TrainStateCheckpointer(tmp_path).restore(abstract_of(state))
+    message = str(err.value)
+    assert "\n" not in message and "checkpoint of step 2" in message
+    assert message.endswith("and no earlier checkpoint can be read")
+
+
+def test_a_changed_state_is_refused_not_skipped(tmp_path):
+    """A checkpoint that reads but does not fit the state is a changed model, not damage: no fallback."""
+    state = make_state()
+    with TrainStateCheckpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(2, state, {})
+        ckpt.save(3, state, {})
+    grown = abstract_of(state).replace(num_examples=jax.ShapeDtypeStruct((2,), jnp.int32))
+    with pytest.raises(CheckpointError, match="checkpoint of step 3 .* does not match the state"):
+        TrainStateCheckpointer(tmp_path).restore(grown)
+    assert step_dirs(tmp_path) == [2, 3]

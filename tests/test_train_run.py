@@ -15,6 +15,7 @@ from PIL import Image
 
 from experiments import train
 from experiments.train_configs import get_config
+from sam_jax.training.loop import check_workdir_config
 from sam_jax import load_sam
 from sam_jax.tree_paths import flatten
 
@@ -169,6 +170,14 @@ def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, synthetic_data_dir, ca
     (["optimizer.decay_steps=(3,)", "optimizer.total_steps=3"], r"OptimizerConfig.decay_steps must be before total_steps=3"),
     (["dtype='float32'", "dtype.x=1"], "str has no field 'x'"),
     (["data='x'", "data.dataset=y"], "conflicts with the earlier --set data='x'"),
+    # A value of the wrong type for its field is named, not an AttributeError deep in the run.
+    (["model=5"], "--set model=5: TrainConfig.model must be SamConfig, got int 5"),
+    (["optimizer.learning_rate=fast"], "OptimizerConfig.learning_rate must be float, got str 'fast'"),
+    (["scan_blocks=1"], "TrainConfig.scan_blocks must be bool, got int 1"),
+    (["init_checkpoint=3"], r"TrainConfig.init_checkpoint must be Optional\[str\], got int 3"),
+    (["data.preprocess.scale_range=(1, 'a')"], "PreprocessConfig.scale_range must be"),
+    (["data.global_batch_size=0"], "data.global_batch_size must be >= 1, got 0"),
+    (["parallelism=tpu"], r"parallelism must be one of \('fsdp', 'pmap'\), got 'tpu'"),
 ])
 def test_bad_overrides_are_one_line_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -199,6 +208,21 @@ def test_unprepared_real_data_set_says_how_to_prepare(tmp_path, capsys):
                        str(tmp_path / "empty"), "--compilation-cache", "", "--set", "data.dataset=sa1b"])
     assert code == 2
     assert "python -m experiments.prepare_data sa1b" in capsys.readouterr().err
+    assert not (tmp_path / "w" / "config.json").exists()  # nothing to resume: no config to refuse the next
+
+
+def test_a_run_that_fails_before_a_checkpoint_does_not_block_the_corrected_one(tmp_path, capsys,
+                                                                               synthetic_data_dir):
+    """The config is recorded with the first checkpoint, so a refused config leaves none behind."""
+    workdir = tmp_path / "w"
+    common = ["--config", "synthetic_smoke", "--workdir", str(workdir), "--data-dir", synthetic_data_dir,
+              "--compilation-cache", ""]
+    assert train.main(common + ["--set", "data.global_batch_size=0"]) == 2
+    assert "data.global_batch_size must be >= 1" in capsys.readouterr().err
+    assert train.main(common + ["--set", "data.eval_split=test"]) == 2  # refused once the data set is open
+    assert "has splits ['train', 'validation'], not 'test'" in capsys.readouterr().err
+    assert not (workdir / "config.json").exists()
+    check_workdir_config(workdir, get_config("synthetic_smoke"))  # the corrected command is not refused
 
 
 def test_every_process_input_state_is_gathered_for_the_checkpoint(tmp_path):

@@ -23,6 +23,8 @@ WORKER = os.path.join(os.path.dirname(__file__), "train_step_worker.py")
 # Devices sum gradients and losses in other orders than one device: fp32 rounding.
 RTOL, ATOL = 2e-4, 2e-6
 FAST_COMPILE = "--xla_backend_optimization_level=0"  # the workers compile 3 steps each; numerics unchanged
+CLIP = 2.0  # global-norm clipping, below the gradient norms of these steps (asserted)
+METRICS = ("total_loss", "grad_norm", "loss", "focal", "dice", "iou_loss", "miou")  # compared across devices
 
 
 def micro_config():
@@ -40,7 +42,10 @@ def setup():
         jax.random.PRNGKey(0), jnp.zeros((1, n, n, 3)), jnp.zeros((1, 1, 2)), jnp.ones((1, 1)), jnp.zeros((1, 4)),
         jnp.zeros((1, 1, low, low)),
     )["params"]
-    opt_config = OptimizerConfig(learning_rate=1e-3, warmup_steps=0, decay_steps=(), layer_decay=0.8, weight_decay=0.1)
+    # Clipping below the gradient norm: the clipped update depends on the gradient's scale, so a
+    # wrongly scaled sum over devices (psum against pmean: 8x) shows in the params, not just the norm.
+    opt_config = OptimizerConfig(learning_rate=1e-3, warmup_steps=0, decay_steps=(), layer_decay=0.8, weight_decay=0.1,
+                                 grad_clip_norm=CLIP)
     interactive = InteractiveConfig(num_correction_points=1, num_mask_only=1)
     return model, opt_config, interactive, create_train_state(params, opt_config, config, seed=0)
 
@@ -73,19 +78,29 @@ def jitted_step():
 @pytest.fixture(scope="module")
 def one_device(jitted_step):
     state, step = setup()[3], jitted_step
-    losses, metrics = [], None
+    losses, metrics, history = [], None, []
     for seed in range(2):
         state, metrics = step(state, make_batch(seed))
         losses.append(float(metrics["total_loss"]))
-    return state, metrics, losses
+        history.append({k: np.asarray(metrics[k]) for k in METRICS})
+    return state, metrics, losses, history
 
 
 def test_step_updates_params_and_reports_metrics(one_device):
-    state, metrics, losses = one_device
+    state, metrics, losses, history = one_device
     assert int(state.step) == 2 and int(state.nonfinite_total) == 0
     assert all(np.isfinite(losses))
     assert metrics["miou"].shape == (3,) and metrics["loss"].shape == (3,)
     assert float(metrics["grad_norm"]) > 0 and not bool(metrics["skipped"])
+    assert all(float(h["grad_norm"]) > CLIP for h in history)  # clipping engaged at every step
+
+
+def test_the_loss_falls_over_a_few_steps_on_one_batch(jitted_step):
+    state, batch, losses = setup()[3], make_batch(0), []
+    for _ in range(4):
+        state, metrics = jitted_step(state, batch)
+        losses.append(float(metrics["total_loss"]))
+    assert losses[-1] < 0.9 * losses[0], losses
 
 
 def test_padded_images_from_scratch_give_moderate_gradients(jitted_step):
@@ -130,15 +145,26 @@ def _assert_params_close(arrays, prefix, expected_params, lr=1e-3, steps=2):
         assert close.mean() >= 0.999, (key, int((~close).sum()), close.size)
 
 
+def _assert_metrics_equal(arrays, prefix, history):
+    """Loss, its parts, the gradient norm and the training mIoU of every step, as one device has them:
+    a loss or gradient summed where it should be averaged (or the reverse) is off by the device count."""
+    for step, expected in enumerate(history):
+        for key, value in expected.items():
+            np.testing.assert_allclose(arrays[f"{prefix}_metrics/{step}/{key}"], value, rtol=RTOL, atol=1e-6,
+                                       err_msg=f"{prefix} step {step} {key}")
+
+
 def test_pmap_and_mesh_on_eight_devices_equal_one_device(tmp_path, one_device):
     (arrays,) = device_workers.run_workers(WORKER, tmp_path, 1, 8, FAST_COMPILE)
     assert int(arrays["device_count"]) == 8 and int(arrays["mesh_sharded_leaves"]) > 0
-    _assert_params_close(arrays, "pmap", one_device[0].params)
-    _assert_params_close(arrays, "mesh", one_device[0].params)
+    for prefix in ("pmap", "mesh"):
+        _assert_metrics_equal(arrays, prefix, one_device[3])
+        _assert_params_close(arrays, prefix, one_device[0].params)
 
 
 def test_two_processes_equal_one_device(tmp_path, one_device):
     results = device_workers.run_workers(WORKER, tmp_path, 2, 2, FAST_COMPILE)
     for arrays in results:
         assert int(arrays["device_count"]) == 4
+        _assert_metrics_equal(arrays, "mesh", one_device[3])
         _assert_params_close(arrays, "mesh", one_device[0].params)

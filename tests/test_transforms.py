@@ -1,4 +1,6 @@
-"""ResizeLongestSide equals the official one (run on the torchvision stand-ins)."""
+"""ResizeLongestSide equals the official one (run on the torchvision stand-ins): target shapes, points
+and boxes, and the images. The stand-ins' resize itself is checked against real torchvision's
+output in test_stand_ins.py, so the image comparison here is not PIL against itself alone."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def main() -> None:
     from flax.traverse_util import flatten_dict
     from jax.sharding import Mesh
 
-    from test_train_step import GLOBAL_BATCH, make_batch, setup
+    from test_train_step import GLOBAL_BATCH, METRICS, make_batch, setup
     from sam_jax.training.train_step import make_train_step, pmap_train_step, sharded_train_step
 
     model, opt_config, interactive, state = setup()
@@ -40,6 +40,11 @@ def main() -> None:
         for key, value in flatten_dict(jax.device_get(params), sep="/").items():
             results[f"{name}/{key}"] = np.asarray(value)
 
+    def save_metrics(name, step, metrics, replica=False):
+        for key in METRICS:
+            value = jax.experimental.multihost_utils.process_allgather(metrics[key], tiled=True)
+            results[f"{name}_metrics/{step}/{key}"] = np.asarray(value)[0] if replica else np.asarray(value)
+
     # Mesh over every device of every process; each process passes its slice of the global batch.
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     step, shardings = sharded_train_step(make_train_step(model, opt_config, interactive), jax.eval_shape(lambda: state), mesh)
@@ -48,13 +53,14 @@ def main() -> None:
     )
     per_process = GLOBAL_BATCH // jax.process_count()
     mine = slice(args.process_id * per_process, (args.process_id + 1) * per_process)
-    for batch in batches:
+    for i, batch in enumerate(batches):
         local = {k: v[mine] for k, v in batch.items()}
         global_batch = jax.tree.map(
             lambda x: jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")), x, (GLOBAL_BATCH,) + x.shape[1:]),
             local,
         )
         sharded, metrics = step(sharded, global_batch)
+        save_metrics("mesh", i, metrics)
     sharded_params = jax.tree.map(lambda x: jax.experimental.multihost_utils.process_allgather(x, tiled=True), sharded.params)
     save("mesh", sharded_params)
     results["mesh_sharded_leaves"] = sum(
@@ -65,9 +71,10 @@ def main() -> None:
         devices = jax.local_device_count()
         pstep = pmap_train_step(make_train_step(model, opt_config, interactive, axis_name="devices"))
         replicated = jax_utils.replicate(state)
-        for batch in batches:
+        for i, batch in enumerate(batches):
             split = jax.tree.map(lambda x: x.reshape((devices, -1) + x.shape[1:]), batch)
             replicated, metrics = pstep(replicated, split)
+            save_metrics("pmap", i, metrics, replica=True)  # every device holds the psum'd metrics
         save("pmap", jax_utils.unreplicate(replicated).params)
     results["device_count"] = jax.device_count()
     np.savez(args.out, **results)

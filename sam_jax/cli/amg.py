@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
+from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator, crop_boxes
 from sam_jax.cli import common
 from sam_jax.image_io import read_image
 from sam_jax.weights import load_sam
@@ -88,6 +88,16 @@ def run(args: argparse.Namespace) -> int:
         return SamAutomaticMaskGenerator(
             *load_sam(args.checkpoint), output_mode="coco_rle" if rle else "binary_mask", **amg_kwargs(args))
 
+    def prepare(source: Path) -> np.ndarray:
+        """Reads the image and checks that the crop layers fit it (a ValueError names the image)."""
+        image = read_image(source)[0]
+        crops = {k: v for k, v in amg_kwargs(args).items() if k in ("crop_n_layers", "crop_overlap_ratio")}
+        try:
+            crop_boxes(image.shape[:2], **crops)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+        return image
+
     def process(source: Path, image: np.ndarray, output: Path, generator: SamAutomaticMaskGenerator) -> None:
         records = generator.generate(image)
         if rle:
@@ -98,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     return common.run_images(
         args, images, single, suffix=".json" if rle else "", kind="file" if rle else "dir",
         is_complete=Path.is_file if rle else (lambda p: (p / METADATA_FILE).is_file()),
-        prepare=lambda source: read_image(source)[0], load=load, process=process, desc="amg")
+        prepare=prepare, load=load, process=process, desc="amg")
 
 
 def _python(value: Any) -> Any:

@@ -51,7 +51,7 @@ from pycocotools import mask as mask_utils
 
 from sam_jax.data import rle
 from sam_jax.data.bad_records import BadRecordError, BadRecordPolicy
-from sam_jax.data.features import checked_image
+from sam_jax.data.features import checked_image, text_file_name
 from sam_jax.data.masks import farthest_from_boundary
 
 # Per-mask fields this reader adds to the shared layout, and their dtypes.
@@ -322,4 +322,4 @@ class CocoReader:
             "id": np.asarray(fields["id"], np.int64),
         }
         masks.update({k: np.asarray(fields[k], dtype) for k, dtype in EXTRA_MASK_FIELDS.items()})
-        return {"image": image, "image_id": image_id, "file_name": file_name, "masks": masks}
+        return {"image": image, "image_id": image_id, "file_name": text_file_name(file_name), "masks": masks}

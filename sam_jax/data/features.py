@@ -5,7 +5,7 @@ so that 100 masks of a 1500x2250 SA-1B image stay a few kB:
 
     image            (H, W, 3) uint8, stored as the source's JPEG / PNG bytes
     image_id         int64
-    file_name        text
+    file_name        text (UTF-8; see `text_file_name`)
     masks/counts     (N,) COCO compressed RLE counts strings, size (H, W)
     masks/bbox       (N, 4) float32 XYWH, pixels
     masks/area       (N,) int64
@@ -45,6 +45,17 @@ def instance_features(extra_mask_fields: Optional[Dict[str, tfds.features.Featur
             "masks": masks,
         }
     )
+
+
+def text_file_name(name: str) -> str:
+    """A file name as UTF-8 text for the record. A name that is not UTF-8 on disk reaches
+    Python with surrogate escapes (and names the file correctly there); the record keeps
+    its undecodable bytes as backslash escapes ("caf\\xe9.jpg") instead of failing."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def checked_image(data: Optional[bytes], where: str, expected_hw: Optional[Tuple[int, int]] = None):

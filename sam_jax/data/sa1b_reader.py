@@ -31,7 +31,7 @@ import numpy as np
 
 from sam_jax.data import rle
 from sam_jax.data.bad_records import BadRecordError, BadRecordPolicy
-from sam_jax.data.features import checked_image
+from sam_jax.data.features import checked_image, text_file_name
 
 _PREFIX = "sa_"
 _IMAGE_KEYS = ("image_id", "width", "height", "file_name")
@@ -214,7 +214,7 @@ def parse_record(
     return {
         "image": image_bytes,
         "image_id": image_info["image_id"],
-        "file_name": file_name,
+        "file_name": text_file_name(file_name),
         "masks": {
             "counts": [ann["segmentation"]["counts"] for ann in kept],
             "bbox": floats("bbox", (-1, 4)),

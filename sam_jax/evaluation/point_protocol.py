@@ -49,6 +49,16 @@ from sam_jax.prompts import bucket
 
 FIRST_CLICKS = ("center", "random")
 REPORTED_CLICKS = (1, 2, 3, 5, 9)  # the paper's columns
+# Mask area as a share of its image: the bins mIoU is also reported by.
+SIZE_BINS = ((0.0, 0.002), (0.002, 0.01), (0.01, 0.03), (0.03, 0.1), (0.1, 1.0))
+
+
+def size_bin(area_fraction: float) -> str:
+    """The SIZE_BINS name ("0.2-1%") of a mask covering `area_fraction` of its image."""
+    for low, high in SIZE_BINS:
+        if low <= area_fraction < high or (high == 1.0 and area_fraction == 1.0):
+            return f"{100 * low:g}-{100 * high:g}%"
+    raise ValueError(f"area fraction {area_fraction} outside [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +74,9 @@ class ProtocolConfig:
             raise ValueError(f"first_click must be one of {FIRST_CLICKS}, got {self.first_click!r}")
 
 
+_PER_MASK = ("iou", "oracle_iou", "image_ids", "mask_fraction")  # the fields parts concatenate
+
+
 @dataclasses.dataclass
 class ProtocolResult:
     """Per-mask IoUs (num_masks, num_clicks) of the most confident mask and of the oracle."""
@@ -71,6 +84,7 @@ class ProtocolResult:
     iou: np.ndarray
     oracle_iou: np.ndarray
     image_ids: np.ndarray  # (num_masks,) the image of each mask
+    mask_fraction: np.ndarray  # (num_masks,) each mask's area over its image's
     # With evaluate_batch(keep_clicks=...): the batch's (B, M, T, T) predictions after those
     # clicks ({click count: masks}), and every click, coords (B, M, n, 2) and labels (B, M, n).
     predictions: Optional[Dict[int, np.ndarray]] = None
@@ -95,7 +109,20 @@ class ProtocolResult:
             "miou": {str(c): float(miou[c - 1]) for c in clicks},
             "oracle_miou": {str(c): float(oracle[c - 1]) for c in clicks},
             "miou_per_click": [float(v) for v in miou],
+            "miou_by_mask_size": self.by_mask_size(clicks),
         }
+
+    def by_mask_size(self, clicks) -> Dict[str, Any]:
+        """{size bin: {"num_masks", "miou": {clicks: value}}} for the bins that hold masks."""
+        bins = np.array([size_bin(float(f)) for f in self.mask_fraction])
+        out = {}
+        for low, high in SIZE_BINS:
+            name = size_bin(low)
+            members = bins == name
+            if members.any():
+                out[name] = {"num_masks": int(members.sum()),
+                             "miou": {str(c): float(self.iou[members, c - 1].mean()) for c in clicks}}
+        return out
 
 
 # predict(coords (B, M, n, 2), labels (B, M, n), mask_inputs (B, M, 1, L, L) | None, multimask)
@@ -131,9 +158,11 @@ def _first_click_random(target: np.ndarray, rng: np.random.Generator):
 
 
 def run_protocol(predict: PredictFn, targets: np.ndarray, valid: np.ndarray, image_ids: np.ndarray,
-                 config: ProtocolConfig, keep_clicks: tuple[int, ...] = ()) -> ProtocolResult:
+                 config: ProtocolConfig, keep_clicks: tuple[int, ...] = (),
+                 image_hw: Optional[np.ndarray] = None) -> ProtocolResult:
     """The protocol for targets (B, M, T, T) bool with valid (B, M), driving any `predict`.
-    `keep_clicks`: click counts whose predicted masks to return (for pictures)."""
+    `keep_clicks`: click counts whose predicted masks to return (for pictures). `image_hw`
+    (B, 2): each image's size within the frame (default the whole frame), for mask sizes."""
     targets = np.asarray(targets, bool)
     b, m = valid.shape
     n = config.num_clicks
@@ -164,9 +193,11 @@ def run_protocol(predict: PredictFn, targets: np.ndarray, valid: np.ndarray, ima
         if click + 1 in keep_clicks:
             kept[click + 1] = predicted
     per_mask_image = np.repeat(np.asarray(image_ids)[:, None], m, axis=1)[valid]
+    image_hw = np.full((b, 2), targets.shape[-2:]) if image_hw is None else np.asarray(image_hw)
+    fraction = targets.sum(axis=(-2, -1)) / np.maximum(np.prod(image_hw, axis=-1, keepdims=True), 1)  # padding: 0
     if not keep_clicks:
-        return ProtocolResult(iou[valid], oracle[valid], per_mask_image)
-    return ProtocolResult(iou[valid], oracle[valid], per_mask_image, kept, coords, labels)
+        return ProtocolResult(iou[valid], oracle[valid], per_mask_image, fraction[valid])
+    return ProtocolResult(iou[valid], oracle[valid], per_mask_image, fraction[valid], kept, coords, labels)
 
 
 def evaluate_batch(model: Sam, params, batch: Dict[str, np.ndarray], config: ProtocolConfig,
@@ -181,7 +212,8 @@ def evaluate_batch(model: Sam, params, batch: Dict[str, np.ndarray], config: Pro
                         image_hw, multimask)
 
     valid = np.asarray(batch["mask_valid"], bool)
-    return run_protocol(predict, batch["masks"], valid, np.asarray(batch["image_id"]), config, keep_clicks)
+    return run_protocol(predict, batch["masks"], valid, np.asarray(batch["image_id"]), config, keep_clicks,
+                        np.asarray(batch["image_size"]))
 
 
 def evaluate(model: Sam, params, batches: Iterable[Dict[str, np.ndarray]], config: ProtocolConfig,
@@ -194,7 +226,7 @@ def evaluate(model: Sam, params, batches: Iterable[Dict[str, np.ndarray]], confi
             progress.update(int(np.asarray(batch["image"]).shape[0]))
     if not parts:
         raise ValueError("no examples to evaluate")
-    return ProtocolResult(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("iou", "oracle_iou", "image_ids")))
+    return ProtocolResult(*(np.concatenate([getattr(p, f) for p in parts]) for f in _PER_MASK))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -218,7 +250,7 @@ def evaluate_images(predictor, instances: Iterable[Instances], config: ProtocolC
             progress.update(len(group))
     if not parts:
         raise ValueError("no images with masks to evaluate")
-    return ProtocolResult(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("iou", "oracle_iou", "image_ids")))
+    return ProtocolResult(*(np.concatenate([getattr(p, f) for p in parts]) for f in _PER_MASK))
 
 
 def _evaluate_group(predictor, group: Sequence[Instances], config: ProtocolConfig) -> ProtocolResult:
@@ -256,4 +288,5 @@ def _evaluate_group(predictor, group: Sequence[Instances], config: ProtocolConfi
             low_res[i, :n] = low_res_i
         return masks, scores, low_res
 
-    return run_protocol(predict, targets, valid, np.array([x.image_id for x in group]), config)
+    return run_protocol(predict, targets, valid, np.array([x.image_id for x in group]), config,
+                        image_hw=np.array([x.size for x in group]))

@@ -8,6 +8,8 @@ Every process of a multi-process run makes the same call. The work directory hol
     config.json                  the resolved config (a restart must use the same one)
     checkpoints/<step>/          orbax: train state, input-iterator state per process, meta
     metrics.jsonl, tensorboard/  one row per log step and per evaluation (`metrics_log`)
+    run_info.json                per start: the step, CPU model, devices and the fp32 matmul rate
+                                 measured there (the yardstick for the GFLOP/s in the log rows)
     curves.png, samples.png      loss, training mIoU, lr, held-out mIoU; held-out predictions
     eval.json                    the last point-protocol evaluation (mIoU after 1, 2, 3, 5, 9 clicks)
     model/                       the final params as a converted checkpoint (`sam_jax.load_sam`,
@@ -33,6 +35,7 @@ import numpy as np
 
 from sam_jax.data.pipeline import DEFAULT_DATA_DIR, InputPipeline, PipelineConfig, evaluation_batches, open_source
 from sam_jax.evaluation import point_protocol
+from sam_jax.host import cpu_model, matmul_rate
 from sam_jax.modeling import Sam
 from sam_jax.training import report
 from sam_jax.training.config import TrainConfig
@@ -44,6 +47,7 @@ from sam_jax.weights import load_params, save_params
 
 CONFIG_FILE = "config.json"
 MODEL_DIR = "model"
+RUN_INFO_FILE = "run_info.json"
 
 
 class TrainingError(RuntimeError):
@@ -76,6 +80,22 @@ def write_workdir_config(workdir: Path, config: TrainConfig) -> None:
     if jax.process_index() == 0 and not (workdir / CONFIG_FILE).exists():
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / CONFIG_FILE).write_text(json.dumps(config_json(config), indent=2) + "\n")
+
+
+def record_start(workdir: Path, step: int) -> None:
+    """Appends this start of the run to run_info.json (process 0): where it ran, and the fp32
+    matmul rate measured there, which the log rows' GFLOP/s are a share of."""
+    if jax.process_index() != 0:
+        return
+    path = workdir / RUN_INFO_FILE
+    info = json.loads(path.read_text()) if path.exists() else {"starts": []}
+    info["starts"].append({
+        "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": cpu_model(), "jax": jax.__version__,
+        "backend": jax.default_backend(), "devices": jax.device_count(), "processes": jax.process_count(),
+        "matmul_gflops_per_s": round(matmul_rate(2048, 5) / 1e9, 1),
+    })
+    workdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info, indent=2) + "\n")
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> List[str]:
@@ -192,6 +212,7 @@ def train_and_evaluate(config: TrainConfig, workdir: Path, data_dir: str = DEFAU
         checkpointer.close()
         raise
     metrics_log = MetricsLog(workdir, start_step)
+    record_start(workdir, start_step)
     print(f"training on {jax.device_count()} devices ({config.parallelism})", file=sys.stderr)
 
     total = config.total_steps

@@ -35,8 +35,10 @@ the state may be donated to the next step right after it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 import jax
@@ -46,6 +48,7 @@ import orbax.checkpoint as ocp
 
 from sam_jax.errors import CheckpointError
 from sam_jax.tree_paths import flatten, list_keys, path_str
+from sam_jax.weights import error_reason, orbax_failures_quiet
 
 STATE, DATA, META = "state", "data", "meta"
 CHECKPOINTS_DIR = "checkpoints"
@@ -150,37 +153,85 @@ class TrainStateCheckpointer:
         return self._manager.save(step, args=args, force=force)
 
     def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, Any, Any]:
-        """(state, data_state, meta) of `step` (None: the latest), the state onto `abstract_state`.
+        """(state, data_state, meta) of `step` (None: the newest readable one), the state onto
+        `abstract_state`.
 
         `abstract_state` has the structure of the state: `jax.ShapeDtypeStruct`s with
         shardings (e.g. `jax.eval_shape` output given the train shardings) or arrays
-        whose shardings to use. Raises FileNotFoundError when there is no such
-        checkpoint and CheckpointError (a ValueError) when it does not match.
+        whose shardings to use. With `step=None` a checkpoint that cannot be read (a
+        missing or truncated file, corrupt JSON) is logged, moved aside to
+        `<step>.unreadable` (nothing is deleted) and the one before it is restored.
+        Raises FileNotFoundError when there is no such checkpoint, and CheckpointError (a
+        ValueError) when a checkpoint does not match `abstract_state` (a changed model is
+        not a corrupt file: no fallback) or when none can be read.
         """
         self._manager.wait_until_finished()
         steps = self.all_steps()
-        if step is None:
-            if not steps:
-                raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
-            step = steps[-1]
-        elif int(step) not in steps:
+        if step is None and not steps:
+            raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
+        if step is not None and int(step) not in steps:
             raise FileNotFoundError(
                 f"no checkpoint of step {step} in {self.directory}; it has steps {steps or 'none'}"
             )
-        step = int(step)
         target = _to_stored_abstract(abstract_state)
+        candidates = [int(step)] if step is not None else steps[::-1]
+        for i, candidate in enumerate(candidates):
+            try:
+                restored = self._restore_step(candidate, target)
+            except CheckpointError:
+                raise
+            except Exception as err:  # orbax and tensorstore raise many types for unreadable files
+                reason = error_reason(err)
+                if i + 1 == len(candidates):
+                    earlier = "" if step is not None else ", and no earlier checkpoint can be read"
+                    raise CheckpointError(
+                        f"checkpoint of step {candidate} in {self.directory} cannot be read ({reason}){earlier}"
+                    ) from err
+                aside = self._move_aside(candidate)
+                log.warning("checkpoint of step %d in %s cannot be read (%s); moved it to %s and restoring "
+                            "step %d instead", candidate, self.directory, reason, aside, candidates[i + 1])
+                continue
+
+            def rewrap(want, got):
+                return jax.random.wrap_key_data(got, dtype=want.dtype) if _is_key(want) else got
+
+            state = jax.tree_util.tree_map(rewrap, abstract_state, restored[STATE])
+            return state, restored[DATA], restored[META]
+        raise AssertionError("unreachable")
+
+    def _restore_step(self, step: int, target) -> dict:
+        step_dir = Path(self.directory) / str(step)
+        if not (step_dir / STATE / "_METADATA").is_file():  # orbax would report a pytree structure error
+            raise ValueError(f"{step_dir / STATE / '_METADATA'} is missing (the state's tree layout)")
         self._check_matches(step, target)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardRestore(target),
-            DATA: ocp.args.JsonRestore(),
-            META: ocp.args.JsonRestore(),
-        }))
+        for item in (DATA, META):  # orbax's JSON errors name no file
+            path = step_dir / item / "metadata"
+            try:
+                json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"{path}: not a readable JSON file ({err})") from err
+        with orbax_failures_quiet(self.directory):
+            return self._manager.restore(step, args=ocp.args.Composite(**{
+                STATE: ocp.args.StandardRestore(target),
+                DATA: ocp.args.JsonRestore(),
+                META: ocp.args.JsonRestore(),
+            }))
 
-        def rewrap(want, got):
-            return jax.random.wrap_key_data(got, dtype=want.dtype) if _is_key(want) else got
+    def _move_aside(self, step: int) -> Path:
+        """Renames an unreadable checkpoint out of the manager's sight (process 0; all wait)."""
+        source = Path(self.directory) / str(step)
+        aside = source.with_name(f"{step}.unreadable")
+        if jax.process_index() == 0:
+            suffix = 1
+            while aside.exists():
+                aside, suffix = source.with_name(f"{step}.unreadable.{suffix}"), suffix + 1
+            os.replace(source, aside)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
 
-        state = jax.tree_util.tree_map(rewrap, abstract_state, restored[STATE])
-        return state, restored[DATA], restored[META]
+            multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
+        self._manager.reload()
+        return aside
 
     def _check_matches(self, step: int, target) -> None:
         """Raises CheckpointError naming the leaves where `target` and checkpoint `step` differ."""

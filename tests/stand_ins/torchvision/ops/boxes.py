@@ -1,9 +1,10 @@
 """torchvision.ops.boxes `nms`, `batched_nms` and `box_area` in plain torch (see ../../README.md).
 
 `nms` is the CPU kernel (torchvision/csrc/ops/cpu/nms_kernel.cpp) line by line:
-boxes taken in `scores.sort(0, descending=True)` order (not a stable sort, as
-there), IoU in the boxes' dtype, a box suppressed when its IoU with a kept box
-is > iou_threshold. `batched_nms` dispatches as torchvision does: the
+boxes taken in `scores.sort(stable=True, descending=True)` order (equal scores
+in input order, as there: tests/test_stand_ins.py checks ties against real
+torchvision's answers), IoU in the boxes' dtype, a box suppressed when its IoU
+with a kept box is > iou_threshold. `batched_nms` dispatches as torchvision does: the
 coordinate trick up to 4000 box values on CPU, per-category `nms` above.
 """
 
@@ -20,7 +21,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         return torch.empty((0,), dtype=torch.int64)
     x1, y1, x2, y2 = boxes.unbind(1)
     areas = (x2 - x1) * (y2 - y1)
-    order = scores.sort(0, descending=True)[1]
+    order = scores.sort(stable=True, dim=0, descending=True)[1]
     suppressed = torch.zeros(len(order), dtype=torch.bool)
     keep = []
     for _i in range(len(order)):
