@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import logging
 import os
@@ -165,13 +166,16 @@ def abstract_params(config: SamConfig, scan_blocks: bool = False) -> Params:
 def error_reason(err: BaseException, limit: int = 300) -> str:
     """One line of what went wrong. orbax wraps tensorstore's specific error ("OUT_OF_RANGE: Error
     reading ... byte range ...") in a generic one; the innermost tensorstore error of the chain
-    is the reason when there is one, else `err`'s own message."""
+    is the reason when there is one, else `err`'s own message; at most `limit` characters."""
     reason, chained = err, err
     while chained is not None:
         if _TENSORSTORE_STATUS.match(str(chained)):
             reason = chained
         chained = chained.__cause__ or chained.__context__
-    return " ".join(str(reason).split())[:limit] or type(reason).__name__
+    text = " ".join(str(reason).split()) or type(reason).__name__
+    if len(text) > limit:  # the middle goes: tensorstore names the file first and the fault last
+        text = f"{text[:limit // 2 - 2]} ... {text[-(limit // 2 - 3):]}"
+    return text
 
 
 _TENSORSTORE_STATUS = re.compile(r"[A-Z_]{4,}: ")  # absl status codes: NOT_FOUND, OUT_OF_RANGE, ...
@@ -198,16 +202,18 @@ def orbax_failures_quiet(directory: str | os.PathLike) -> Iterator[None]:
     flight report "Event loop is closed" through `sys.unraisablehook`, orbax's threads log
     the error again (logger "absl"), and asyncio reports their futures as never retrieved
     when they are collected, as late as the interpreter's exit: a stream of tracebacks.
-    Those echoes, and only those, are dropped: the loop reports while the block runs and
-    until they stop (milliseconds), orbax's logs while it runs, and asyncio's notices of
-    failures that name `directory` from then on.
+    Those echoes, and only those, are dropped: the loop reports and the reports of reads of
+    `directory` closed mid-failure while the block runs and until they stop (milliseconds),
+    orbax's logs while it runs, and asyncio's notices of failures that name `directory` from
+    then on.
     """
     previous = sys.unraisablehook
     last_echo = [time.monotonic()]
 
     def hook(unraisable) -> None:
         error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        if closed_loop or str(directory) in str(error):  # the latter: a read of it closed mid-failure
             last_echo[0] = time.monotonic()
         else:
             previous(unraisable)
@@ -219,6 +225,7 @@ def orbax_failures_quiet(directory: str | os.PathLike) -> Iterator[None]:
         yield
     except BaseException:
         logging.getLogger("asyncio").addFilter(_DropEchoes("exception was never retrieved", str(directory)))
+        gc.collect()  # closes the abandoned reads now, while their reports are dropped
         last_echo[0] = deadline = time.monotonic()
         deadline += 2.0
         while time.monotonic() < deadline and time.monotonic() - last_echo[0] < 0.2:

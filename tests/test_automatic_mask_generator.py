@@ -6,17 +6,20 @@ run on the torchvision stand-ins (tests/stand_ins: nms, batched_nms, box_area).
 The random tiny decoder's masks are a periodic checkerboard over the whole
 image, whatever the point: every box is the image, and NMS leaves one record.
 `structured` edits a copy of the official model so that masks are blobs that
-follow the image, vary with the point, and have holes and islands; the logits
-are a few units large so that stability scores spread over (0, 1). Both sides
-get the same edited weights. Records must agree one to one: masks by IoU
->= 0.99 (pixels within float rounding of the threshold may flip; in practice
-all are identical), and for identical masks the same RLE, area and box;
-predicted IoU and stability within 1e-4; the same point and crop box.
+follow the image, vary with the point, and have holes and islands; `trained`
+is a model the project trained, on a real photograph and held-out images.
+Both sides get the same weights. The records must be the same, in the same
+order: the same point, crop box, RLE, area and box, predicted IoU within
+1e-4 and stability within 1e-4 (or three pixels' worth of its pixel-count
+ratio); a mask may differ only at pixels whose logit lies
+within 1e-4 of the threshold (checked where no small regions were edited),
+and such masks are counted and must be few.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import sys
 
 import jax
@@ -82,25 +85,53 @@ def segmentation_mask(record, output_mode) -> np.ndarray:
     return mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)
 
 
-def match_records(ours, official, output_mode):
-    """Pairs every record with one of the other side's, one to one; returns (pairs, min IoU)."""
-    assert len(ours) == len(official), (len(ours), len(official))
-    if not ours:
-        return [], 1.0
-    flat = lambda records: np.stack([segmentation_mask(r, output_mode).reshape(-1) for r in records])
-    a, b = flat(ours).astype(np.float32), flat(official).astype(np.float32)
-    inter = a @ b.T
-    union = a.sum(1)[:, None] + b.sum(1)[None] - inter
-    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-    # Prefer the same prompt among equally good matches (empty masks all match each other).
-    same_point = np.array([[r["point_coords"] == s["point_coords"] for s in official] for r in ours])
-    pairs, taken = [], set()
-    for i in np.argsort(-iou.max(1), kind="stable"):
-        free = [j for j in range(len(official)) if j not in taken]
-        j = max(free, key=lambda j: (iou[i, j], same_point[i, j]))
-        taken.add(j)
-        pairs.append((int(i), j))
-    return pairs, float(min(iou[i, j] for i, j in pairs))
+def near_threshold_logits(predictor: SamPredictor, image: np.ndarray, record) -> np.ndarray:
+    """Our logits (H, W) of the output that made `record` (its point, on its crop), at the original
+    size; -inf outside the crop. A pixel where the two generators' masks differ must sit here
+    within float rounding of the threshold."""
+    x, y, w, h = record["crop_box"]
+    predictor.set_image(image[y : y + h, x : x + w])
+    px, py = record["point_coords"][0]
+    logits = predictor.predict(point_coords=np.array([[px - x, py - y]]), point_labels=np.array([1]),
+                               return_logits=True)[0]
+    mask = record["mask"][y : y + h, x : x + w]
+    best = int(np.argmin([np.sum((lg > 0) != mask) for lg in logits]))
+    full = np.full(image.shape[:2], -np.inf, np.float32)
+    full[y : y + h, x : x + w] = logits[best]
+    return full
+
+
+def assert_records_equal(records, expected, output_mode, image, predictor=None, max_differing=0.02):
+    """The claim: the same records in the same order, every field equal (scores within 1e-4), the
+    same RLE for all masks but those whose differing pixels sit within 1e-4 of the threshold (with a
+    `predictor` to check that; without, when small regions were edited, they are only counted).
+    Returns the number of masks that differ, at most `max_differing` of the records."""
+    assert len(records) == len(expected), (len(records), len(expected))
+    differing = 0
+    for ours, ref in zip(records, expected):
+        assert sorted(ours) == sorted(ref)
+        assert ours["point_coords"] == ref["point_coords"] and ours["crop_box"] == ref["crop_box"]
+        assert abs(ours["predicted_iou"] - ref["predicted_iou"]) <= 1e-4
+        if np.isnan(ref["stability_score"]):  # an empty mask at thr - offset, unfiltered
+            assert np.isnan(ours["stability_score"])
+        else:  # a count ratio: a pixel flipped at thr +- offset moves it by 1 / (a count >= the area)
+            assert abs(ours["stability_score"] - ref["stability_score"]) <= max(1e-4, 3 / max(ref["area"], 1))
+        assert all(type(v) is int for v in ours["bbox"] + ours["crop_box"] + [ours["area"]])
+        if output_mode == "binary_mask":
+            assert ours["segmentation"].shape == image.shape[:2] and ours["segmentation"].dtype == bool
+            same = np.array_equal(ours["segmentation"], ref["segmentation"])
+        else:
+            same = ours["segmentation"] == ref["segmentation"]  # RLE dicts, counts and all
+        if same:
+            assert ours["area"] == ref["area"] and ours["bbox"] == ref["bbox"]
+            continue
+        differing += 1
+        mask, ref_mask = segmentation_mask(ours, output_mode), segmentation_mask(ref, output_mode)
+        if predictor is not None:
+            logits = near_threshold_logits(predictor, image, {**ours, "mask": mask})
+            assert np.all(np.abs(logits[mask != ref_mask]) < 1e-4), "masks differ away from the threshold"
+    assert differing <= max(1, max_differing * len(records)), (differing, len(records))
+    return differing
 
 
 SETTINGS = {
@@ -130,38 +161,70 @@ def test_generate_matches_official(structured, setting):
     official = official_module("automatic_mask_generator").SamAutomaticMaskGenerator(ref, **kwargs)
     expected = official.generate(IMAGE)
     records = SamAutomaticMaskGenerator(Sam(config), params, **kwargs).generate(IMAGE)
-
     assert len(records) >= 4, "the setting should keep several masks"
-    pairs, min_iou = match_records(records, expected, kwargs["output_mode"])
-    assert min_iou >= 0.99
-    identical, score_diff = 0, 0.0
-    for i, j in pairs:
-        ours, ref_record = records[i], expected[j]
-        assert sorted(ours) == sorted(ref_record)
-        assert ours["point_coords"] == ref_record["point_coords"]
-        assert ours["crop_box"] == ref_record["crop_box"]
-        assert abs(ours["predicted_iou"] - ref_record["predicted_iou"]) <= 1e-4
-        if np.isnan(ref_record["stability_score"]):  # an empty mask at thr - offset, unfiltered
-            assert np.isnan(ours["stability_score"])
-        else:
-            assert abs(ours["stability_score"] - ref_record["stability_score"]) <= 1e-4
-        score_diff = max(score_diff, abs(ours["predicted_iou"] - ref_record["predicted_iou"]),
-                         np.nan_to_num(abs(ours["stability_score"] - ref_record["stability_score"])))
-        if kwargs["output_mode"] == "binary_mask":
-            assert ours["segmentation"].shape == IMAGE.shape[:2] and ours["segmentation"].dtype == bool
-            same = np.array_equal(ours["segmentation"], ref_record["segmentation"])
-        else:
-            same = ours["segmentation"] == ref_record["segmentation"]  # RLE dicts, counts and all
-        if same:
-            identical += 1
-            assert ours["area"] == ref_record["area"] and ours["bbox"] == ref_record["bbox"]
-        else:  # a few pixels at the threshold flipped
-            assert abs(ours["area"] - ref_record["area"]) <= 0.01 * ref_record["area"]
-            assert np.abs(np.subtract(ours["bbox"], ref_record["bbox"])).max() <= 2
+    predictor = None if kwargs.get("min_mask_region_area") else SamPredictor(Sam(config), params)
+    differing = assert_records_equal(records, expected, kwargs["output_mode"], IMAGE, predictor)
+    for ours in records:
         assert ours["area"] == int(segmentation_mask(ours, kwargs["output_mode"]).sum())
-        assert all(type(v) is int for v in ours["bbox"] + ours["crop_box"] + [ours["area"]])
-    print(f"[parity] amg {setting}: {len(records)} records, {identical} masks identical, min matched "
-          f"IoU {min_iou:.4f}, max score difference {score_diff:.1e}")
+    print(f"[parity] amg {setting}: {len(records)} records, {differing} masks differ near the threshold")
+
+
+# A model the project trained (`tests/data/make_trained_model.py`: the main job's export, mapped back to
+# the official modules by the inverse converter): its masks follow objects, so a grid of points
+# gives many distinct records, where random weights collapse to one or two after NMS.
+TRAINED = os.path.join(os.path.dirname(__file__), "data", "synthetic_cpu_official.npz")
+# The official defaults' filters (0.88 / 0.95 at offset 1) keep nothing of this small model's
+# modest logits; these keep 100-250 masks per image, from a 16 or 24-point grid.
+TRAINED_SETTINGS = {
+    "crops and small regions": dict(points_per_side=16, crop_n_layers=1, crop_n_points_downscale_factor=2,
+                                    min_mask_region_area=100, pred_iou_thresh=0.25, stability_score_thresh=0.6,
+                                    stability_score_offset=0.1, output_mode="coco_rle"),
+    "filters": dict(points_per_side=24, pred_iou_thresh=0.2, stability_score_thresh=0.5, stability_score_offset=0.1,
+                    output_mode="binary_mask"),
+}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(config, official model, params) of the trained synthetic_cpu model."""
+    from experiments.train_configs import SYNTHETIC_MODEL
+
+    stored = np.load(TRAINED)
+    state = {k: torch.from_numpy(stored[k].astype(np.float32)) for k in stored.files if k != "source"}
+    ref = reference_model.build_official_for(SYNTHETIC_MODEL)
+    ref.load_state_dict(state)
+    return SYNTHETIC_MODEL, ref.eval(), official_to_flax({k: v.numpy() for k, v in state.items()}, SYNTHETIC_MODEL)
+
+
+def trained_images():
+    """A real photograph (matplotlib's grace_hopper.jpg) and two held-out synthetic scenes."""
+    import matplotlib.cbook
+    from PIL import Image
+
+    from sam_jax.data.builders.sam_synthetic import SamSynthetic, example_scene
+
+    cpu = next(c for c in SamSynthetic.BUILDER_CONFIGS if c.name == "cpu")
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as photo:
+        images = {"grace_hopper": np.asarray(photo.convert("RGB"))}
+    for i in (0, 1):
+        images[f"held-out scene {i}"] = example_scene(cpu, "validation", i).image
+    return images
+
+
+@pytest.mark.parametrize("setting", TRAINED_SETTINGS)
+def test_generate_equals_official_with_a_trained_model(trained, setting):
+    config, ref, params = trained
+    kwargs = TRAINED_SETTINGS[setting]
+    official = official_module("automatic_mask_generator").SamAutomaticMaskGenerator(ref, **kwargs)
+    ours = SamAutomaticMaskGenerator(Sam(config), params, **kwargs)
+    predictor = None if kwargs.get("min_mask_region_area") else SamPredictor(Sam(config), params)
+    for name, image in trained_images().items():
+        with torch.no_grad():
+            expected = official.generate(image)
+        records = ours.generate(image)
+        assert len(records) >= 10, f"{name}: the trained model should give many masks, got {len(records)}"
+        differing = assert_records_equal(records, expected, kwargs["output_mode"], image, predictor)
+        print(f"[parity] amg trained, {setting}, {name}: {len(records)} records identical but {differing}")
 
 
 def test_vmapped_chunks_equal_one_at_a_time(structured):
@@ -380,3 +443,8 @@ def test_bad_images_are_named(tiny):
             generator.generate(bad)
     with pytest.raises(ValueError, match="'holes' or 'islands'"):
         amg.remove_small_regions(np.zeros((4, 4), bool), 3, "gaps")
+    # Crops past the image (zero width) are the crop layers' fault, not a bad image.
+    deep = SamAutomaticMaskGenerator(Sam(config), params, points_per_side=4, crop_n_layers=5)
+    with pytest.raises(ValueError, match=r"crop_n_layers=5 is too many for a 120x160 image: layer 4 has crops "
+                                         r"outside it \(XYXY \[0, 120, 15, 120\]\); use crop_n_layers <= 3"):
+        deep.generate(np.zeros((120, 160, 3), np.uint8))

@@ -8,7 +8,8 @@ Tolerances (fp32, CPU): relative L2 <= 1e-5 on the image embedding, <= 1e-4
 on mask logits and IoU predictions; binary masks agree except at pixels
 whose logit is within 1e-4 of the threshold. `test_predictors_from_original_images`
 also starts from images of other sizes (portrait, odd, thin), which both
-predictors resize with ResizeLongestSide.
+predictors resize with ResizeLongestSide (vit_tiny and vit_b: the steps
+around the encoder are the same for every released size).
 """
 
 from __future__ import annotations
@@ -122,12 +123,14 @@ def test_masks_and_iou(pipeline, prompt, with_mask, multimask):
 
 
 # Original images as users pass them: resized by ResizeLongestSide on both sides (the official
-# through the stand-ins, whose resize equals torchvision's: test_stand_ins.py). A portrait with odd
-# sides for every size; for the two cheap ones also an odd landscape and a thin portrait.
-PORTRAIT = (1001, 749)  # -> 1024 x 766 at the released input size
-MORE_ORIGINALS = {"vit_tiny": [(333, 517), (1203, 97)], "vit_b": [(333, 517), (1203, 97)]}
+# through the stand-ins, whose resize equals torchvision's: test_stand_ins.py). Resizing, padding and
+# postprocessing do not depend on the encoder's size, and every released size has image_size 1024, so
+# vit_b stands for vit_l and vit_h here (their encoders are test_image_embedding's).
+ORIGINALS = {"vit_tiny": [(1001, 749), (333, 517), (1203, 97)],  # portrait, odd landscape, thin portrait
+             "vit_b": [(1001, 749), (1203, 97)]}  # -> 1024 x 766, 1024 x 83 at the released input size
 
 
+@pytest.mark.parametrize("pipeline", list(ORIGINALS), indirect=True, scope="module")
 @torch.no_grad()
 def test_predictors_from_original_images(pipeline):
     from conftest import official_module
@@ -136,7 +139,7 @@ def test_predictors_from_original_images(pipeline):
     p = pipeline
     official = official_module("predictor").SamPredictor(p["ref"])
     ours = SamPredictor(p["model"], p["params"])
-    for k, (h, w) in enumerate([PORTRAIT, *MORE_ORIGINALS.get(p["name"], [])]):
+    for k, (h, w) in enumerate(ORIGINALS[p["name"]]):
         image = synthetic_image(h, w, seed=10 + k)
         official.set_image(image)
         ours.set_image(image)

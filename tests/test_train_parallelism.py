@@ -10,14 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_train_run import params_of
+from test_train_run import MICRO, params_of
 
 DEVICES = 8
 STEPS = 3  # single-prompt steps: the full loop under pmap is test_train_step.py's (one compile less here)
-# vit_tiny cut to 2 blocks at 128 px (as test_train_step.py's micro model): each run compiles its step.
-MICRO = ("model.encoder.depth=2", "model.encoder.global_attn_indexes=(1,)", "model.decoder_depth=1",
-         "model.encoder.image_size=128", "model.encoder.window_size=4", "data.preprocess.image_size=128",
-         "data.preprocess.low_res_size=32")
 FAST_COMPILE = "--xla_backend_optimization_level=0"  # both runs alike; numerics unchanged
 RTOL = 1e-4  # devices add losses and gradients in other orders: fp32 rounding only
 WORKER = Path(__file__).parent / "train_parallelism_worker.py"

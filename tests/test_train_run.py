@@ -20,6 +20,11 @@ from sam_jax import load_sam
 from sam_jax.tree_paths import flatten
 
 ROOT = Path(__file__).resolve().parents[1]
+# The smoke config's vit_tiny cut to 2 blocks at 128 px (test_train_step.py's micro model): every run
+# here compiles its steps, and what these tests check is the run, not the model's size.
+MICRO = ("model.encoder.depth=2", "model.encoder.global_attn_indexes=(1,)", "model.decoder_depth=1",
+         "model.encoder.image_size=128", "model.encoder.window_size=4", "data.preprocess.image_size=128",
+         "data.preprocess.low_res_size=32")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +35,7 @@ def cache_dir(tmp_path_factory):
 def run_train(workdir, synthetic_data_dir, cache_dir, *overrides, wait=True, env=None):
     command = [sys.executable, "-m", "experiments.train", "--config", "synthetic_smoke", "--workdir", str(workdir),
                "--data-dir", synthetic_data_dir, "--compilation-cache", cache_dir, "--no-progress"]
-    for override in overrides:
+    for override in (*MICRO, *overrides):
         command += ["--set", override]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     if not wait:
@@ -141,7 +146,7 @@ def test_a_changed_config_on_resume_is_refused(finished_run, synthetic_data_dir,
     workdir, _ = finished_run
     code = train.main(["--config", "synthetic_smoke", "--workdir", str(workdir), "--data-dir", synthetic_data_dir,
                        "--compilation-cache", cache_dir, "--set", "optimizer.total_steps=8",
-                       "--set", "optimizer.learning_rate=0.5"])
+                       "--set", "optimizer.learning_rate=0.5", *(f"--set={o}" for o in MICRO)])
     assert code == 2
     assert "another config (changed: optimizer.learning_rate)" in capsys.readouterr().err
 

@@ -194,7 +194,8 @@ def _apply(node: Any, changes: dict[str, Any]) -> Any:
                 value = tuple(value)
             hint = hints[key]
             if not _matches(value, hint):
-                needs = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+                # A class by its name; a generic (Optional[str], tuple[float, float]) as written.
+                needs = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
                 raise ValueError(f"--set {change.text}: {type(node).__name__}.{key} must be {needs}, "
                                  f"got {type(value).__name__} {value!r}")
         else:

@@ -28,7 +28,7 @@ def main() -> None:
     if config.name != "vit_synthetic":
         raise SystemExit(f"{export} is a {config.name} model, not the main job's vit_synthetic")
     state = {k: v.astype(np.float16) for k, v in flax_to_official(params).items()}
-    source = f"{read_metadata(export)['source']} ({os.path.abspath(export)})"
+    source = f"{read_metadata(export)['source']} of `python -m experiments.train` (synthetic_cpu)"
     np.savez_compressed(OUT, source=np.array(source), **state)
     print(f"wrote {OUT}: {len(state)} tensors, {sum(v.size for v in state.values())} values, from {source}")
 
