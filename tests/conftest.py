@@ -19,6 +19,31 @@ from sam_jax.tree_paths import flatten, unflatten
 from sam_jax.configs import SamConfig, get_config
 from sam_jax.modeling import Sam
 
+# The files that take longest on 2 CPU cores (a CI run's --durations, summed per file), longest
+# first. pytest-xdist hands whole files (--dist loadfile) to whichever worker is free, in collection
+# order (--no-loadscope-reorder); starting with these leaves the short files to even out the
+# two workers' ends, where alphabetical order left the longest (parity, training) for last.
+LONGEST_FILES = (
+    "test_parity_end_to_end.py",
+    "test_train_run.py",
+    "test_train_step.py",
+    "test_converter.py",
+    "test_automatic_mask_generator.py",
+    "test_interactive_training.py",
+    "test_train_parallelism.py",
+    "test_point_protocol_parity.py",
+    "test_batch_predictor.py",
+    "test_predictor.py",
+    "test_eval_command.py",
+)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """Longest files first (LONGEST_FILES), every file's tests kept together and in their order."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as collected
+
 
 def relative_error(actual, expected) -> float:
     """||actual - expected|| / ||expected|| in float64."""

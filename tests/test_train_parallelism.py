@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_train_run import MICRO, params_of
+from test_train_run import FAST_COMPILE, MICRO, params_of
 
 DEVICES = 8
 STEPS = 3  # single-prompt steps: the full loop under pmap is test_train_step.py's (one compile less here)
-FAST_COMPILE = "--xla_backend_optimization_level=0"  # both runs alike; numerics unchanged
 RTOL = 1e-4  # devices add losses and gradients in other orders: fp32 rounding only
 WORKER = Path(__file__).parent / "train_parallelism_worker.py"
 

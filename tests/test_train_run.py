@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MICRO = ("model.encoder.depth=2", "model.encoder.global_attn_indexes=(1,)", "model.decoder_depth=1",
          "model.encoder.image_size=128", "model.encoder.window_size=4", "data.preprocess.image_size=128",
          "data.preprocess.low_res_size=32")
+# Every run here compiles both loops' steps (~1 min each at full optimisation on 2 cores); LLVM's
+# lower optimisation level compiles them in about half the time, alike for every run compared.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +36,8 @@ def cache_dir(tmp_path_factory):
 
 
 def run_train(workdir, synthetic_data_dir, cache_dir, *overrides, wait=True, env=None):
+    env = dict(os.environ if env is None else env)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
     command = [sys.executable, "-m", "experiments.train", "--config", "synthetic_smoke", "--workdir", str(workdir),
                "--data-dir", synthetic_data_dir, "--compilation-cache", cache_dir, "--no-progress"]
     for override in (*MICRO, *overrides):
@@ -88,6 +93,9 @@ def test_a_run_writes_logs_pictures_and_a_loadable_model(finished_run):
     params = params_of(workdir / "model")
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4", "6", "8"]  # keep_checkpoints=3
     assert len(params) > 50 and all(np.isfinite(v).all() for v in params.values())
+    (start,) = json.loads((workdir / "run_info.json").read_text())["starts"]  # one start: a fresh run
+    assert start["step"] == 0 and start["devices"] == 1 and start["matmul_gflops_per_s"] > 0
+    assert start["cpu"] and start["backend"] == "cpu"
 
 
 def test_sam_jax_segment_runs_on_the_exported_model(finished_run, tmp_path):
@@ -134,6 +142,9 @@ def test_sigkill_and_restart_reach_bit_identical_params(finished_run, tmp_path, 
     code, _, err = run_train(workdir, synthetic_data_dir, cache_dir, "optimizer.total_steps=8")
     assert code == 0, err
     assert "resumed from the checkpoint of step" in err
+    resumed = int(err.split("resumed from the checkpoint of step ")[1].split()[0])
+    starts = json.loads((workdir / "run_info.json").read_text())["starts"]
+    assert [start["step"] for start in starts] == [0, resumed]  # each start recorded
     expected, got = params_of(reference / "model"), params_of(workdir / "model")
     assert expected.keys() == got.keys()
     for key in expected:

@@ -29,7 +29,7 @@ def main() -> None:
     from jax.sharding import Mesh
 
     from test_train_step import GLOBAL_BATCH, METRICS, make_batch, setup
-    from sam_jax.training.train_step import make_train_step, pmap_train_step, sharded_train_step
+    from sam_jax.training.train_step import make_train_step, pmap_train_step, replicate_for_pmap, sharded_train_step
 
     model, opt_config, interactive, state = setup()
     state = jax.device_get(state)  # host copies: the steps donate their device buffers
@@ -70,7 +70,7 @@ def main() -> None:
     if jax.process_count() == 1:
         devices = jax.local_device_count()
         pstep = pmap_train_step(make_train_step(model, opt_config, interactive, axis_name="devices"))
-        replicated = jax_utils.replicate(state)
+        replicated = replicate_for_pmap(state)
         for i, batch in enumerate(batches):
             split = jax.tree.map(lambda x: x.reshape((devices, -1) + x.shape[1:]), batch)
             replicated, metrics = pstep(replicated, split)

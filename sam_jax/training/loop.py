@@ -82,7 +82,7 @@ def write_workdir_config(workdir: Path, config: TrainConfig) -> None:
         (workdir / CONFIG_FILE).write_text(json.dumps(config_json(config), indent=2) + "\n")
 
 
-def record_start(workdir: Path, step: int) -> None:
+def record_start(workdir: Path, step: int, matmul_gflops_per_s: float) -> None:
     """Appends this start of the run to run_info.json (process 0): where it ran, and the fp32
     matmul rate measured there, which the log rows' GFLOP/s are a share of."""
     if jax.process_index() != 0:
@@ -92,7 +92,7 @@ def record_start(workdir: Path, step: int) -> None:
     info["starts"].append({
         "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": cpu_model(), "jax": jax.__version__,
         "backend": jax.default_backend(), "devices": jax.device_count(), "processes": jax.process_count(),
-        "matmul_gflops_per_s": round(matmul_rate(2048, 5) / 1e9, 1),
+        "matmul_gflops_per_s": matmul_gflops_per_s,
     })
     workdir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(info, indent=2) + "\n")
@@ -180,6 +180,8 @@ def train_and_evaluate(config: TrainConfig, workdir: Path, data_dir: str = DEFAU
     workdir = Path(workdir).absolute()
     check_workdir_config(workdir, config)
     train_source, eval_source = open_data(config, data_dir)
+    # Measured before the input pipeline's workers start, which would share the cores.
+    matmul_gflops_per_s = round(matmul_rate(2048, 5) / 1e9, 1)
     model = build_model(config)
     state = create_train_state(initial_params(config, model), config.optimizer, config.model, config.seed)
     parallel = PARALLEL[config.parallelism](jax.eval_shape(lambda: state))
@@ -212,7 +214,7 @@ def train_and_evaluate(config: TrainConfig, workdir: Path, data_dir: str = DEFAU
         checkpointer.close()
         raise
     metrics_log = MetricsLog(workdir, start_step)
-    record_start(workdir, start_step)
+    record_start(workdir, start_step, matmul_gflops_per_s)
     print(f"training on {jax.device_count()} devices ({config.parallelism})", file=sys.stderr)
 
     total = config.total_steps

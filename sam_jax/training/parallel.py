@@ -32,6 +32,7 @@ from sam_jax.training.train_step import (
     fsdp_sharding,
     make_train_step,
     pmap_train_step,
+    replicate_for_pmap,
     sharded_train_step,
 )
 
@@ -87,7 +88,7 @@ class PmapParallel:
         self.state_shapes = state_shapes
 
     def place(self, state: TrainState) -> TrainState:
-        return jax_utils.replicate(jax.device_get(state), self.devices)
+        return replicate_for_pmap(jax.device_get(state), self.devices, self.axis)
 
     def train_step(self, model: Sam, optimizer_config: OptimizerConfig, interactive: InteractiveConfig):
         return pmap_train_step(make_train_step(model, optimizer_config, interactive, axis_name=self.axis), self.axis)

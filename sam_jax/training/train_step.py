@@ -140,10 +140,21 @@ def make_train_step(
 def pmap_train_step(step_fn, axis_name: str = "devices"):
     """`jax.pmap` of a step made with `make_train_step(..., axis_name=axis_name)`.
 
-    Inputs: a state replicated over local devices (`flax.jax_utils.replicate`)
+    Inputs: a state replicated over local devices (`replicate_for_pmap`)
     and a batch with a leading (local devices, per-device batch) split.
     """
     return jax.pmap(step_fn, axis_name=axis_name, donate_argnums=(0,))
+
+
+def replicate_for_pmap(tree: Any, devices: Optional[list] = None, axis_name: str = "devices") -> Any:
+    """Host arrays -> one copy per device (leading axis: devices), placed as `jax.pmap(...,
+    axis_name=axis_name)` returns its outputs. `flax.jax_utils.replicate` places them on a mesh
+    axis of another name, so a pmapped step fed its own outputs on the second call compiles
+    again (a second full compile of the train step)."""
+    devices = list(devices or jax.local_devices())
+    sharding = NamedSharding(Mesh(np.asarray(devices), (axis_name,)), PartitionSpec(axis_name))
+    return jax.tree.map(
+        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), sharding), tree)
 
 
 def fsdp_sharding(mesh: Mesh, axis: str = "data") -> Callable[[jax.ShapeDtypeStruct], NamedSharding]:
