@@ -12,6 +12,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 import device_workers
+from test_train_run import FAST_COMPILE  # the workers compile 2 steps each
 from sam_jax.configs import get_config
 from sam_jax.modeling import Sam
 from sam_jax.training.interactive import InteractiveConfig
@@ -24,7 +25,6 @@ MASKS = 2
 WORKER = os.path.join(os.path.dirname(__file__), "train_step_worker.py")
 # Devices sum gradients and losses in other orders than one device: fp32 rounding.
 RTOL, ATOL = 2e-4, 2e-6
-FAST_COMPILE = "--xla_backend_optimization_level=0"  # the workers compile 2 steps each; numerics unchanged
 CLIP = 2.0  # global-norm clipping, below the gradient norms of these steps (asserted)
 METRICS = ("total_loss", "grad_norm", "loss", "focal", "dice", "iou_loss", "miou")  # compared across devices
 

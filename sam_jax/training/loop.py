@@ -180,8 +180,9 @@ def train_and_evaluate(config: TrainConfig, workdir: Path, data_dir: str = DEFAU
     workdir = Path(workdir).absolute()
     check_workdir_config(workdir, config)
     train_source, eval_source = open_data(config, data_dir)
-    # Measured before the input pipeline's workers start, which would share the cores.
-    matmul_gflops_per_s = round(matmul_rate(2048, 5) / 1e9, 1)
+    # Measured before the input pipeline's workers start, which would share the cores; only
+    # process 0 records it.
+    matmul_gflops_per_s = round(matmul_rate(2048, 5) / 1e9, 1) if jax.process_index() == 0 else 0.0
     model = build_model(config)
     state = create_train_state(initial_params(config, model), config.optimizer, config.model, config.seed)
     parallel = PARALLEL[config.parallelism](jax.eval_shape(lambda: state))
