@@ -246,16 +246,19 @@ class SamAutomaticMaskGenerator:
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
 
-    def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
+    def generate(self, image: np.ndarray, image_embedding: Optional[jax.Array] = None) -> List[Dict[str, Any]]:
         """Masks of an (H, W, 3) uint8 RGB image, as records (dicts) with keys:
 
         segmentation: (H, W) bool mask, or an RLE dict (per `output_mode`);
         area: int pixels; bbox: [x, y, w, h]; predicted_iou: float;
         point_coords: [[x, y]] the prompt; stability_score: float;
         crop_box: [x, y, w, h] of the crop the mask came from.
+
+        `image_embedding`, the image's (1, h, w, D) embedding as `SamPredictor.features`
+        holds it, is used for the whole-image crop instead of encoding the image again.
         """
         image = as_rgb(image)
-        mask_data = self._generate_masks(image)
+        mask_data = self._generate_masks(image, image_embedding)
         if self.min_mask_region_area > 0:
             mask_data = self.postprocess_small_regions(
                 mask_data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
@@ -283,12 +286,13 @@ class SamAutomaticMaskGenerator:
             for i in range(len(segmentations))
         ]
 
-    def _generate_masks(self, image: np.ndarray) -> MaskData:
+    def _generate_masks(self, image: np.ndarray, image_embedding: Optional[jax.Array]) -> MaskData:
         orig_size = image.shape[:2]
         boxes, layer_idxs = crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
         data = MaskData()
         for crop_box, layer_idx in zip(boxes, layer_idxs):
-            data.cat(self._process_crop(image, crop_box, layer_idx, orig_size))
+            features = image_embedding if layer_idx == 0 else None  # layer 0 is the whole image
+            data.cat(self._process_crop(image, crop_box, layer_idx, orig_size, features))
 
         if len(boxes) > 1 and len(data):  # duplicates between crops: prefer smaller crops
             scores = np.float32(1) / box_area(data["crop_boxes"]).astype(np.float32)
@@ -299,14 +303,16 @@ class SamAutomaticMaskGenerator:
         return data
 
     def _process_crop(
-        self, image: np.ndarray, crop_box: List[int], crop_layer_idx: int, orig_size: Tuple[int, ...]
+        self, image: np.ndarray, crop_box: List[int], crop_layer_idx: int, orig_size: Tuple[int, ...],
+        features: Optional[jax.Array] = None,
     ) -> MaskData:
         x0, y0, x1, y1 = crop_box
         cropped_im = image[y0:y1, x0:x1, :]
         crop_size = cropped_im.shape[:2]
-        resized, input_size = to_input_batch([cropped_im], self.transform, 1)
-        features = encode_images(self.model, self.params, resized, input_size)
-        input_size = tuple(int(v) for v in input_size[0])
+        input_size = self.transform.get_preprocess_shape(*crop_size, self.transform.target_length)
+        if features is None:
+            resized, _ = to_input_batch([cropped_im], self.transform, 1)
+            features = encode_images(self.model, self.params, resized, np.asarray([input_size], np.int32))
 
         points = self.point_grids[crop_layer_idx] * np.array(crop_size)[None, ::-1]  # (N, 2) in the crop
         transformed = self.transform.apply_coords(points, crop_size).astype(np.float32)

@@ -17,12 +17,15 @@ would produce on the same file:
   first frame.
 
 Errors are `ImageError` (a ValueError) with a one-line message naming the file.
+`decode_image` reads an upload's bytes the same way (`sam-jax serve`).
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -33,6 +36,10 @@ _NO_RANGE = {"I": "32-bit integer", "F": "32-bit floating-point"}
 
 class ImageError(ValueError):
     """An input file that cannot be used as an image; the message names the file."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image of more pixels than a limit (or Pillow's decompression-bomb guard) allows."""
 
 
 def image_extensions() -> frozenset[str]:
@@ -63,26 +70,42 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, str]:
         raise ImageError(f"{path}: no such file")
     if path.is_dir():
         raise ImageError(f"{path}: is a directory, not an image")
+    return _decode(path, str(path))
+
+
+def decode_image(data: bytes, name: str, max_pixels: Optional[int] = None) -> tuple[np.ndarray, str]:
+    """`read_image` on a file's bytes (an upload); errors name `name`. With `max_pixels`,
+    an image of more pixels is refused from its header, before it is decoded."""
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source, name: str, max_pixels: Optional[int] = None) -> tuple[np.ndarray, str]:
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             mode = image.mode
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLargeError(f"{name}: {width}x{height} image is too large "
+                                 f"({width * height:,} pixels; the limit is {max_pixels:,})")
             image.seek(0)
             image = ImageOps.exif_transpose(image)
             image.load()
-            return _to_rgb(image, mode, path), mode
+            return _to_rgb(image, mode, name), mode
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image (or a format Pillow cannot read)") from None
+        raise ImageError(f"{name}: not an image (or a format Pillow cannot read)") from None
     except Image.DecompressionBombError as err:
-        raise ImageError(f"{path}: too large to read safely ({err})") from None
+        raise ImageTooLargeError(f"{name}: too large to read safely ({err})") from None
     except PermissionError:
-        raise ImageError(f"{path}: permission denied") from None
+        raise ImageError(f"{name}: permission denied") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:  # truncated or corrupt data
-        raise ImageError(f"{path}: corrupt or truncated image ({err})") from None
+        raise ImageError(f"{name}: corrupt or truncated image ({err})") from None
 
 
-def _to_rgb(image: Image.Image, mode: str, path: Path) -> np.ndarray:
+def _to_rgb(image: Image.Image, mode: str, path: str) -> np.ndarray:
     if image.mode in _NO_RANGE:
         raise ImageError(
             f"{path}: {_NO_RANGE[image.mode]} image (mode {image.mode}) has no fixed range; "

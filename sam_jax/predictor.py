@@ -8,7 +8,8 @@ per bucket of prompt sizes: the number of points and of prompts are padded
 up to powers of two (padding points are masked out of attention, padding
 prompts are dropped), so an interactive session that adds clicks one by one
 compiles log2(clicks) times, not once per click; also once per (box or not,
-mask or not, multimask or not) and per image size.
+mask or not, multimask or not), whatever the image size. The upsampling of the
+masks to the image compiles once per image size.
 """
 
 from __future__ import annotations
@@ -59,6 +60,19 @@ class SamPredictor:
         self.features = encode_images(self.model, self.params, images, sizes)
         self.original_size = tuple(int(x) for x in original_image_size)
         self.input_size = tuple(int(x) for x in transformed_image.shape[:2])
+        self.is_image_set = True
+
+    def set_embedding(self, features: jax.Array, input_size: tuple[int, int],
+                      original_size: tuple[int, int]) -> None:
+        """Sets an image embedded earlier: the `features` (1, h, w, D), `input_size` and
+        `original_size` a `set_image` left (a server's cache keeps them), without encoding."""
+        h, w = self.model.config.embedding_size, self.model.config.embedding_size
+        if np.shape(features) != (1, h, w, self.model.config.prompt_embed_dim):
+            raise ValueError(f"features must be (1, {h}, {w}, {self.model.config.prompt_embed_dim}); "
+                             f"got {np.shape(features)}")
+        self.features = features
+        self.original_size = tuple(int(x) for x in original_size)
+        self.input_size = tuple(int(x) for x in input_size)
         self.is_image_set = True
 
     def get_image_embedding(self) -> jax.Array:

@@ -15,7 +15,7 @@ import torch
 
 from conftest import official_module, relative_error
 from experiments.sample_image import synthetic_image
-from sam_jax.modeling import Sam, decode_prompts
+from sam_jax.modeling import Sam, decode_low_res, upsample_masks
 from sam_jax.modeling.prompt_encoder import PADDING
 from sam_jax.predictor import SamPredictor
 
@@ -167,17 +167,24 @@ def test_padding_points_change_nothing(tiny, with_box):
 def test_growing_click_counts_compile_once_per_bucket(tiny):
     config, _, params = tiny
     ours = SamPredictor(Sam(config), params)
-    ours.set_image(synthetic_image(123, 77))  # an image size no other test compiles for
+    ours.set_image(synthetic_image(123, 77))
+    decode_low_res.clear_cache()  # other tests in this process compiled prompt shapes too
     rng = np.random.default_rng(3)
     clicks = rng.uniform(0, 76, (9, 2))
     ours.predict(point_coords=clicks[:1], point_labels=np.ones(1))  # bucket 1, compiled
-    before = decode_prompts._cache_size()
+    before = decode_low_res._cache_size()
     for n in range(2, 10):  # buckets 2, 4, 8, 16: four compilations for eight click counts
         ours.predict(point_coords=clicks[:n], point_labels=np.ones(n))
-    assert decode_prompts._cache_size() - before == 4
+    assert decode_low_res._cache_size() - before == 4
     for n in range(1, 10):  # all cached now
         ours.predict(point_coords=clicks[:n], point_labels=np.ones(n))
-    assert decode_prompts._cache_size() - before == 4
+    assert decode_low_res._cache_size() - before == 4
     for b in (3, 4):  # 3 and 4 prompts share a bucket
         ours.predict_batch(boxes=np.tile([[10.0, 10.0, 200.0, 200.0]], (b, 1)))
-    assert decode_prompts._cache_size() - before == 5
+    assert decode_low_res._cache_size() - before == 5
+    # A new image size compiles the upsampling only: the decoder does not depend on it.
+    upsampling = upsample_masks._cache_size()
+    ours.set_image(synthetic_image(91, 130))
+    for n in range(1, 10):
+        ours.predict(point_coords=clicks[:n], point_labels=np.ones(n))
+    assert decode_low_res._cache_size() - before == 5 and upsample_masks._cache_size() - upsampling == 1

@@ -4,6 +4,7 @@ from sam_jax.modeling.image_encoder import ImageEncoderViT
 from sam_jax.modeling.inference import (
     decode_batch,
     decode_in_chunks,
+    decode_low_res,
     decode_prompts,
     decoder_chunk,
     encode_images,
@@ -22,6 +23,7 @@ __all__ = [
     "TwoWayTransformer",
     "decode_batch",
     "decode_in_chunks",
+    "decode_low_res",
     "decode_prompts",
     "decoder_chunk",
     "encode_images",

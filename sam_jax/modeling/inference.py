@@ -6,7 +6,8 @@ compiled function per job, cached per model and per static argument.
 
     encode_images   (B, S, S, 3) zero-padded images + (B, 2) sizes -> (B, h, w, D)
     decode_prompts  one image's embedding, B prompts -> masks at the original size,
-                    IoU, low-res logits (on the CPU in cache-sized chunks of prompts)
+                    IoU, low-res logits (on the CPU in cache-sized chunks of prompts):
+                    decode_low_res, then upsample_masks
     decode_batch    B images, P prompts each (vmapped) -> (B, P, C, 4h, 4w), (B, P, C)
     upsample_masks  low-res logits -> logits or masks at the original size
 
@@ -69,16 +70,26 @@ def decode_in_chunks(model: Sam, params, image_embeddings: jax.Array, point_coor
     return low_res.reshape(-1, *low_res.shape[2:])[:b], iou.reshape(-1, iou.shape[-1])[:b]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def decode_low_res(model: Sam, params, image_embeddings, point_coords, point_labels, boxes, mask_inputs,
+                   multimask_output: bool) -> tuple[jax.Array, jax.Array]:
+    """`decode_in_chunks`, compiled once per prompt shape whatever the image size."""
+    return decode_in_chunks(model, params, image_embeddings, point_coords, point_labels, boxes, mask_inputs,
+                            multimask_output)
+
+
 def decode_prompts(model: Sam, params, image_embeddings, point_coords, point_labels, boxes, mask_inputs,
                    multimask_output: bool, input_size: tuple, original_size: tuple, return_logits: bool):
     """B prompts on one image (1, h, w, D) -> masks (B, C, H, W) at `original_size` (logits if
-    `return_logits`, else booleans), IoU predictions (B, C) and low-res logits (B, C, 4h, 4w)."""
-    low_res, iou = decode_in_chunks(model, params, image_embeddings, point_coords, point_labels, boxes,
-                                    mask_inputs, multimask_output)
-    logits = postprocess_masks(low_res, input_size, original_size, model.config.image_size)
-    # Thresholding inside the jit fuses it into the upsampling: no full-size float masks.
-    return (logits if return_logits else logits > model.config.mask_threshold), iou, low_res
+    `return_logits`, else booleans), IoU predictions (B, C) and low-res logits (B, C, 4h, 4w).
+
+    Two compiled steps: the decoder (per prompt shape) and the upsampling (per image size),
+    so a new image size recompiles only the upsampling, and a new prompt shape only the decoder."""
+    low_res, iou = decode_low_res(model, params, image_embeddings, point_coords, point_labels, boxes,
+                                  mask_inputs, multimask_output)
+    threshold = None if return_logits else model.config.mask_threshold
+    masks = upsample_masks(low_res, tuple(input_size), tuple(original_size), model.config.image_size, threshold)
+    return masks, iou, low_res
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7))

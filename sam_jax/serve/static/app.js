@@ -1,0 +1,581 @@
+// sam-jax serve: the page. Plain JavaScript, no build step (see the README's "sam-jax serve").
+//
+// The server holds the model and the image embeddings; this page keeps the prompt (points, box,
+// the last prediction for feedback), draws masks decoded from COCO RLE, and times each click.
+// State the tests read: body[data-state] ("empty", "embedding", "ready", "predicting",
+// "everything", "error"), body[data-mode] ("prompt", "everything"), #mask[data-prediction-id],
+// body[data-latency-ms], and window.samJax (the state and the exports).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const imageCanvas = $("image"), maskCanvas = $("mask"), promptCanvas = $("prompts");
+const MASK_RGB = [30, 144, 255];
+const HOVER_DELAY_MS = 60;   // debounce: a preview once the cursor rests this long
+const DRAG_PIXELS = 5;       // a press that moves further than this (screen px) draws a box
+
+const state = {
+  image: null,        // {image_id, width, height, name, encode_seconds, cached}
+  points: [],         // [{x, y, label}] in image pixels; label 1 foreground, 0 background
+  box: null,          // [x0, y0, x1, y1]
+  prediction: null,   // {prediction_id, masks: [{segmentation, predicted_iou, area, bbox}], selected}
+  history: [],        // earlier {points, box, prediction}, for undo
+  everything: null,   // {records, seconds, selected}
+  mode: "prompt",
+  seq: 0,             // bumped by every committed change: older responses are dropped
+  lastLatencyMs: null,
+  hover: null,        // the last hover preview's prompt
+};
+
+// ------------------------------------------------------------------------------------- utilities
+
+function setState(name) { document.body.dataset.state = name; }
+
+function message(text, isError = false) {
+  const el = $("message");
+  el.textContent = text;
+  el.classList.toggle("error", isError);
+  if (isError) setState("error");
+}
+
+async function postJson(path, body) {
+  const response = await fetch(path, {
+    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
+  });
+  return readResponse(response);
+}
+
+async function readResponse(response) {
+  let data;
+  try { data = await response.json(); } catch (e) { data = {detail: response.statusText}; }
+  if (!response.ok) throw new Error(`${response.status}: ${data.detail || response.statusText}`);
+  return data;
+}
+
+// COCO compressed RLE (pycocotools' rleFrString) -> (H * W) row-major 0/1 mask.
+function decodeRle(rle) {
+  const [h, w] = rle.size, s = rle.counts, counts = [];
+  let p = 0;
+  while (p < s.length) {
+    let x = 0, k = 0, more = 1;
+    while (more) {
+      const c = s.charCodeAt(p) - 48;
+      x |= (c & 0x1f) << (5 * k);
+      more = c & 0x20;
+      p++; k++;
+      if (!more && (c & 0x10)) x |= -1 << (5 * k);
+    }
+    if (counts.length > 2) x += counts[counts.length - 2];
+    counts.push(x);
+  }
+  const mask = new Uint8Array(h * w);
+  let index = 0;
+  counts.forEach((n, i) => {
+    if (i % 2 === 1) {  // runs alternate 0, 1, 0, ... down the columns
+      for (let j = index; j < index + n; j++) mask[(j % h) * w + Math.floor(j / h)] = 1;
+    }
+    index += n;
+  });
+  return mask;
+}
+
+function distinctColour(i) {  // golden-angle hues
+  const hue = (i * 137.508) % 360, s = 0.75, l = 0.5;
+  const f = (n) => {
+    const k = (n + hue / 30) % 12, a = s * Math.min(l, 1 - l);
+    return Math.round(255 * (l - a * Math.max(-1, Math.min(k - 3, 9 - k, 1))));
+  };
+  return [f(0), f(8), f(4)];
+}
+
+// ------------------------------------------------------------------------------------- opening images
+
+function showProgress(text, fraction) {
+  $("progress").hidden = false;
+  $("progress-text").textContent = text;
+  const fill = $("progress-fill");
+  fill.classList.toggle("indeterminate", fraction === null);
+  if (fraction !== null) fill.style.width = `${Math.round(100 * Math.min(fraction, 1))}%`;
+}
+
+function hideProgress() { $("progress").hidden = true; }
+
+// POSTs the form to /embed with upload progress, then shows an estimate from the last encoder time.
+async function embed(form, label) {
+  setState("embedding");
+  message("");
+  const info = await fetch("/api/info").then(readResponse).catch(() => ({}));
+  const expected = info.last_encode_seconds;
+  const started = performance.now();
+  let uploaded = false;
+  const timer = setInterval(() => {
+    if (!uploaded) return;
+    const elapsed = (performance.now() - started) / 1000;
+    const estimate = expected ? ` (the last image took ${expected.toFixed(1)} s)` : "";
+    showProgress(`Computing the image embedding… ${elapsed.toFixed(1)} s${estimate}`,
+                 expected ? elapsed / expected : null);
+  }, 100);
+  showProgress(`Uploading ${label}…`, 0);
+  try {
+    const data = await new Promise((resolve, reject) => {
+      const request = new XMLHttpRequest();
+      request.open("POST", "/embed");
+      request.responseType = "json";
+      request.upload.onprogress = (e) => {
+        if (e.lengthComputable) showProgress(`Uploading ${label}…`, e.loaded / e.total);
+      };
+      request.upload.onload = () => { uploaded = true; };
+      request.onload = () => {
+        const body = request.response || {};
+        if (request.status === 200) resolve(body);
+        else reject(new Error(`${request.status}: ${body.detail || request.statusText}`));
+      };
+      request.onerror = () => reject(new Error("the server cannot be reached"));
+      request.send(form);
+    });
+    await showImage(data);
+    const how = data.cached ? "cached" : `${data.encode_seconds.toFixed(2)} s`;
+    $("stat-embedding").textContent = how;
+    $("stat-image").textContent = `${data.width}×${data.height} ${data.mode}`;
+    message(`${data.name}: embedded (${how}). Click on the image.`);
+    setState("ready");
+  } catch (err) {
+    message(err.message, true);
+  } finally {
+    clearInterval(timer);
+    hideProgress();
+  }
+}
+
+async function showImage(data) {
+  const bitmap = new Image();
+  bitmap.src = `/image/${data.image_id}`;
+  await bitmap.decode();
+  for (const canvas of [imageCanvas, maskCanvas, promptCanvas]) {
+    canvas.width = data.width;
+    canvas.height = data.height;
+  }
+  imageCanvas.getContext("2d").drawImage(bitmap, 0, 0);
+  state.image = data;
+  state.everything = null;
+  resetPrompt();
+  $("drop-hint").hidden = true;
+  $("layers").hidden = false;
+  $("everything").disabled = false;
+}
+
+function openFile(file) {
+  if (!file) return;
+  const form = new FormData();
+  form.append("file", file, file.name);
+  embed(form, file.name);
+}
+
+$("file").addEventListener("change", (e) => openFile(e.target.files[0]));
+$("folder").addEventListener("change", (e) => {
+  if (!e.target.value) return;
+  const form = new FormData();
+  form.append("name", e.target.value);
+  embed(form, e.target.value);
+});
+const stage = $("stage");
+stage.addEventListener("dragover", (e) => { e.preventDefault(); stage.classList.add("dragover"); });
+stage.addEventListener("dragleave", () => stage.classList.remove("dragover"));
+stage.addEventListener("drop", (e) => {
+  e.preventDefault();
+  stage.classList.remove("dragover");
+  openFile(e.dataTransfer.files[0]);
+});
+
+fetch("/api/images").then(readResponse).then(({images}) => {
+  const select = $("folder");
+  for (const name of images) select.add(new Option(name, name));
+  select.hidden = images.length === 0;
+}).catch(() => {});
+
+// ------------------------------------------------------------------------------------- prompts
+
+function resetPrompt() {
+  state.points = [];
+  state.box = null;
+  state.prediction = null;
+  state.history = [];
+  state.mode = "prompt";
+  state.seq++;
+  document.body.dataset.mode = "prompt";
+  drawPrompts();
+  drawMasks();
+  updateControls();
+}
+
+function promptBody(points, box) {
+  const body = {image_id: state.image.image_id, multimask_output: $("multimask").checked};
+  if (points.length) {
+    body.point_coords = points.map((p) => [p.x, p.y]);
+    body.point_labels = points.map((p) => p.label);
+  }
+  if (box) body.box = box;
+  return body;
+}
+
+// A committed change of the prompt: remembered for undo, then predicted with feedback.
+function commit(change, startedAt) {
+  state.history.push({points: state.points.slice(), box: state.box, prediction: state.prediction});
+  change();
+  state.mode = "prompt";
+  document.body.dataset.mode = "prompt";
+  drawPrompts();
+  predict(startedAt);
+}
+
+async function predict(startedAt) {
+  const seq = ++state.seq;
+  if (!state.points.length && !state.box) {
+    state.prediction = null;
+    drawMasks();
+    updateControls();
+    return;
+  }
+  const body = promptBody(state.points, state.box);
+  const previous = state.prediction;
+  if ($("feedback").checked && previous && previous.prediction_id) {
+    body.mask_input = {prediction_id: previous.prediction_id, index: previous.selected};
+  }
+  setState("predicting");
+  try {
+    const result = await postJson("/predict", body);
+    if (seq !== state.seq) return;  // a newer change is on its way
+    result.selected = bestIndex(result.masks);
+    result.prompt = body;
+    state.prediction = result;
+    drawMasks();
+    state.lastLatencyMs = performance.now() - startedAt;
+    document.body.dataset.latencyMs = state.lastLatencyMs.toFixed(1);
+    $("stat-latency").textContent = `${state.lastLatencyMs.toFixed(0)} ms`;
+    $("stat-decoder").textContent = `${result.decode_ms.toFixed(0)} ms`;
+    message("");
+    setState("ready");
+  } catch (err) {
+    if (seq === state.seq) message(err.message, true);
+  }
+  updateControls();
+}
+
+function bestIndex(masks) {
+  let best = 0;
+  masks.forEach((m, i) => { if (m.predicted_iou > masks[best].predicted_iou) best = i; });
+  return best;
+}
+
+// Hover: the mask the prompt would give with one more foreground point here; latest wins.
+let hoverTimer = null, hoverInFlight = false, hoverPending = null;
+function scheduleHover(point) {
+  clearTimeout(hoverTimer);
+  hoverTimer = setTimeout(() => { hoverPending = point; runHover(); }, HOVER_DELAY_MS);
+}
+
+async function runHover() {
+  if (hoverInFlight || !hoverPending || !state.image || state.mode !== "prompt") return;
+  const point = hoverPending, seq = state.seq;
+  hoverPending = null;
+  hoverInFlight = true;
+  try {
+    const body = promptBody([...state.points, {...point, label: 1}], state.box);
+    body.store_logits = false;
+    const result = await postJson("/predict", body);
+    if (seq === state.seq && hovering && state.mode === "prompt") {
+      drawMaskRecords([result.masks[bestIndex(result.masks)]], true);
+      state.hover = body;
+    }
+  } catch (err) { /* a preview that fails is not worth a message */ }
+  hoverInFlight = false;
+  if (hoverPending) runHover();
+}
+
+function cancelHover() {
+  clearTimeout(hoverTimer);
+  hoverPending = null;
+}
+
+// ------------------------------------------------------------------------------------- pointer
+
+function imagePoint(e) {
+  const rect = promptCanvas.getBoundingClientRect();
+  const x = (e.clientX - rect.left) * (promptCanvas.width / rect.width);
+  const y = (e.clientY - rect.top) * (promptCanvas.height / rect.height);
+  return {x: Math.min(Math.max(x, 0), promptCanvas.width), y: Math.min(Math.max(y, 0), promptCanvas.height)};
+}
+
+let press = null, hovering = false;
+promptCanvas.addEventListener("contextmenu", (e) => e.preventDefault());
+promptCanvas.addEventListener("mousedown", (e) => {
+  if (!state.image) return;
+  press = {start: imagePoint(e), screenX: e.clientX, screenY: e.clientY, dragging: false,
+           background: e.button === 2 || e.shiftKey};
+});
+promptCanvas.addEventListener("mousemove", (e) => {
+  if (!state.image) return;
+  hovering = true;
+  if (press) {
+    const moved = Math.hypot(e.clientX - press.screenX, e.clientY - press.screenY);
+    if (moved > DRAG_PIXELS && state.mode === "prompt") press.dragging = true;
+    if (press.dragging) {
+      cancelHover();
+      drawPrompts(boxFrom(press.start, imagePoint(e)));
+    }
+    return;
+  }
+  if (state.mode === "prompt") scheduleHover(imagePoint(e));
+});
+promptCanvas.addEventListener("mouseleave", () => {
+  hovering = false;
+  cancelHover();
+  if (state.mode === "prompt") drawMasks();
+});
+window.addEventListener("mouseup", (e) => {
+  if (!press) return;
+  const p = press, startedAt = performance.now();
+  press = null;
+  cancelHover();
+  if (p.dragging) {
+    const box = boxFrom(p.start, imagePoint(e));
+    commit(() => { state.box = box; }, startedAt);
+  } else if (e.target === promptCanvas) {
+    const point = imagePoint(e);
+    if (state.mode === "everything") selectEverything(point);
+    else commit(() => { state.points.push({x: point.x, y: point.y, label: p.background ? 0 : 1}); }, startedAt);
+  }
+});
+
+function boxFrom(a, b) {
+  return [Math.min(a.x, b.x), Math.min(a.y, b.y), Math.max(a.x, b.x), Math.max(a.y, b.y)];
+}
+
+window.addEventListener("keydown", (e) => {
+  if ((e.ctrlKey || e.metaKey) && e.key === "z") { e.preventDefault(); undo(); }
+  if (e.key === "Escape") clearAll();
+});
+
+function undo() {
+  const last = state.history.pop();
+  if (!last) return;
+  state.points = last.points;
+  state.box = last.box;
+  state.prediction = last.prediction;
+  state.seq++;
+  drawPrompts();
+  drawMasks();
+  updateControls();
+  setState("ready");
+}
+
+function clearAll() {
+  if (!state.image) return;
+  resetPrompt();
+  setState("ready");
+}
+
+$("undo").addEventListener("click", undo);
+$("clear").addEventListener("click", clearAll);
+
+// ------------------------------------------------------------------------------------- drawing
+
+function drawPrompts(rubberBand = null) {
+  const ctx = promptCanvas.getContext("2d");
+  ctx.clearRect(0, 0, promptCanvas.width, promptCanvas.height);
+  const scale = Math.max(promptCanvas.width, promptCanvas.height) / 800;
+  for (const box of [state.box, rubberBand]) {
+    if (!box) continue;
+    ctx.lineWidth = 2 * scale;
+    ctx.strokeStyle = box === rubberBand ? "rgba(255, 255, 255, .9)" : "rgb(30, 144, 255)";
+    ctx.setLineDash(box === rubberBand ? [6 * scale, 4 * scale] : []);
+    ctx.strokeRect(box[0], box[1], box[2] - box[0], box[3] - box[1]);
+  }
+  ctx.setLineDash([]);
+  for (const p of state.points) {
+    ctx.beginPath();
+    ctx.arc(p.x, p.y, 5 * scale, 0, 2 * Math.PI);
+    ctx.fillStyle = p.label === 1 ? "rgb(40, 200, 80)" : "rgb(230, 50, 50)";
+    ctx.fill();
+    ctx.lineWidth = 1.5 * scale;
+    ctx.strokeStyle = "#fff";
+    ctx.stroke();
+  }
+}
+
+// Draws records' masks (one colour in prompt mode, distinct ones in Everything), alpha 255
+// inside and 0 outside: the page's opacity tints them; tests read the canvas's alpha.
+function drawMaskRecords(records, preview = false, colours = null) {
+  const {width, height} = maskCanvas;
+  const ctx = maskCanvas.getContext("2d");
+  const pixels = ctx.createImageData(width, height);
+  records.forEach((record, i) => {
+    const mask = decodeRle(record.segmentation), rgb = colours ? colours[i] : MASK_RGB;
+    for (let j = 0; j < mask.length; j++) {
+      if (!mask[j]) continue;
+      pixels.data[4 * j] = rgb[0];
+      pixels.data[4 * j + 1] = rgb[1];
+      pixels.data[4 * j + 2] = rgb[2];
+      pixels.data[4 * j + 3] = 255;
+    }
+  });
+  ctx.putImageData(pixels, 0, 0);
+  maskCanvas.classList.toggle("preview", preview);
+}
+
+function drawMasks() {
+  if (state.mode === "everything" && state.everything) {
+    const records = state.everything.records, selected = state.everything.selected;
+    const order = records.map((r, i) => i).sort((a, b) => records[b].area - records[a].area);
+    if (selected !== null) order.push(selected);  // drawn last: on top, in white
+    const colours = order.map((i, k) => (k === order.length - 1 && selected !== null) ? [255, 255, 255]
+                                                                                        : distinctColour(i));
+    drawMaskRecords(order.map((i) => records[i]), false, colours);
+    maskCanvas.dataset.predictionId = "";
+    maskCanvas.dataset.count = String(records.length);
+  } else {
+    const prediction = state.prediction;
+    drawMaskRecords(prediction ? [prediction.masks[prediction.selected]] : []);
+    maskCanvas.dataset.predictionId = prediction ? prediction.prediction_id : "";
+    maskCanvas.dataset.selected = prediction ? String(prediction.selected) : "";
+  }
+  showCandidates();
+  showStats();
+}
+
+function showCandidates() {
+  const list = $("candidates");
+  list.replaceChildren();
+  const prediction = state.mode === "prompt" ? state.prediction : null;
+  if (!prediction) return;
+  prediction.masks.forEach((m, i) => {
+    const item = document.createElement("li");
+    item.dataset.index = String(i);
+    item.classList.toggle("selected", i === prediction.selected);
+    item.innerHTML = `<span>mask ${i + 1}</span><span>IoU ${m.predicted_iou.toFixed(3)} · ${m.area} px</span>`;
+    item.addEventListener("click", () => {
+      prediction.selected = i;
+      drawMasks();
+    });
+    list.append(item);
+  });
+}
+
+function selectedRecord() {
+  if (state.mode === "everything" && state.everything && state.everything.selected !== null) {
+    return state.everything.records[state.everything.selected];
+  }
+  if (state.mode === "prompt" && state.prediction) return state.prediction.masks[state.prediction.selected];
+  return null;
+}
+
+function showStats() {
+  const record = selectedRecord();
+  const total = state.image ? state.image.width * state.image.height : 1;
+  $("stat-iou").textContent = record ? record.predicted_iou.toFixed(3) : "–";
+  $("stat-area").textContent = record ? `${record.area} px (${(100 * record.area / total).toFixed(1)}%)` : "–";
+  updateControls();
+}
+
+function updateControls() {
+  $("undo").disabled = state.history.length === 0;
+  $("clear").disabled = !state.image;
+  $("save-mask").disabled = $("save-cutout").disabled = !selectedRecord();
+  $("save-json").disabled = !(state.everything && state.everything.records.length);
+}
+
+// ------------------------------------------------------------------------------------- everything
+
+$("everything").addEventListener("click", runEverything);
+
+async function runEverything() {
+  if (!state.image) return;
+  const number = (id) => Number($(id).value);
+  const body = {image_id: state.image.image_id, points_per_side: number("points-per-side"),
+                pred_iou_thresh: number("pred-iou-thresh"),
+                stability_score_thresh: number("stability-score-thresh"),
+                box_nms_thresh: number("box-nms-thresh")};
+  state.seq++;
+  setState("predicting");
+  const started = performance.now();
+  const timer = setInterval(() => showProgress(
+    `Everything: ${body.points_per_side ** 2} point prompts… ${((performance.now() - started) / 1000).toFixed(1)} s`,
+    null), 100);
+  try {
+    const result = await postJson("/everything", body);
+    state.everything = {records: result.records, seconds: result.seconds, selected: null};
+    state.mode = "everything";
+    document.body.dataset.mode = "everything";
+    drawPrompts();
+    drawMasks();
+    $("everything-count").textContent = `${result.records.length} masks in ${result.seconds.toFixed(1)} s`;
+    message("Everything: click a mask to select it; Clear returns to prompting.");
+    setState("everything");
+  } catch (err) {
+    message(err.message, true);
+  } finally {
+    clearInterval(timer);
+    hideProgress();
+  }
+}
+
+// The smallest mask under the point.
+function selectEverything(point) {
+  const {records} = state.everything, w = state.image.width;
+  const index = Math.floor(point.y) * w + Math.floor(point.x);
+  let best = null;
+  records.forEach((r, i) => {
+    if (decodeRle(r.segmentation)[index] && (best === null || r.area < records[best].area)) best = i;
+  });
+  state.everything.selected = best;
+  maskCanvas.dataset.everythingSelected = best === null ? "" : String(best);
+  drawMasks();
+}
+
+// ------------------------------------------------------------------------------------- exports
+
+function maskCanvasOf(record, cutout) {
+  const {width, height} = imageCanvas;
+  const canvas = document.createElement("canvas");
+  canvas.width = width;
+  canvas.height = height;
+  const mask = decodeRle(record.segmentation);
+  const ctx = canvas.getContext("2d");
+  let pixels;
+  if (cutout) {
+    pixels = imageCanvas.getContext("2d").getImageData(0, 0, width, height);
+    for (let j = 0; j < mask.length; j++) pixels.data[4 * j + 3] = mask[j] ? 255 : 0;
+  } else {
+    pixels = ctx.createImageData(width, height);
+    for (let j = 0; j < mask.length; j++) {
+      const v = mask[j] ? 255 : 0;
+      pixels.data[4 * j] = pixels.data[4 * j + 1] = pixels.data[4 * j + 2] = v;
+      pixels.data[4 * j + 3] = 255;
+    }
+  }
+  ctx.putImageData(pixels, 0, 0);
+  return canvas;
+}
+
+function stem() { return (state.image ? state.image.name : "image").replace(/\.[^.]*$/, ""); }
+
+function download(url, name) {
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = name;
+  link.click();
+}
+
+const exports = {
+  maskPng: () => maskCanvasOf(selectedRecord(), false).toDataURL("image/png"),
+  cutoutPng: () => maskCanvasOf(selectedRecord(), true).toDataURL("image/png"),
+  masksJson: () => JSON.stringify(state.everything.records),
+};
+$("save-mask").addEventListener("click", () => download(exports.maskPng(), `${stem()}_mask.png`));
+$("save-cutout").addEventListener("click", () => download(exports.cutoutPng(), `${stem()}_cutout.png`));
+$("save-json").addEventListener("click", () => {
+  const url = URL.createObjectURL(new Blob([exports.masksJson()], {type: "application/json"}));
+  download(url, `${stem()}_masks.json`);
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+});
+
+window.samJax = {state, exports, decodeRle};
