@@ -3,6 +3,8 @@ encoder's input frame and padded to bucketed sizes.
 
     check_prompts    point_coords (B, N, 2) + point_labels (B, N), boxes (B, 4), mask_input
                      (B, 1, L, L) -> the same as numpy arrays, or a ValueError naming the problem
+    check_inside     a ValueError naming the first point or box corner outside the image
+                     (the command line and the server refuse those; the predictor does not)
     prompt_counts    (B, N) of checked prompts
     bucket           the padded size of a count: the next power of two, so growing
                      click or prompt counts compile log2(n) times, not n times
@@ -92,6 +94,23 @@ def check_prompts(config: SamConfig, point_coords, point_labels, boxes, mask_inp
         raise ValueError(f"prompts disagree on the number of prompts B ({given}): prompt b takes "
                          "point_coords[b], boxes[b] and mask_input[b] together")
     return point_coords, point_labels, boxes, mask_input
+
+
+def check_inside(point_coords: Optional[np.ndarray], box: Optional[np.ndarray], width: int, height: int,
+                 image: str) -> None:
+    """Raises ValueError naming the first (x, y) of `point_coords` (N, 2) or corner of `box`
+    (4,) XYXY outside the `width` x `height` image named `image` (0 <= x <= width, 0 <= y <= height)."""
+    def inside(x, y):
+        return 0 <= x <= width and 0 <= y <= height
+
+    for x, y in [] if point_coords is None else point_coords:
+        if not inside(x, y):
+            raise ValueError(f"point ({x:g}, {y:g}) is outside the {width}x{height} image {image}")
+    if box is not None:
+        x0, y0, x1, y1 = box
+        if not (inside(x0, y0) and inside(x1, y1)):
+            raise ValueError(f"box ({', '.join(f'{v:g}' for v in box)}) is outside the "
+                             f"{width}x{height} image {image}")
 
 
 def prompt_counts(coords, labels, boxes, mask_input) -> tuple[int, int]:

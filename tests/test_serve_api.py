@@ -124,6 +124,7 @@ def test_info_images_page_and_docs(client, folder):
 def test_embed_once_per_content(client, service, scene, scene_id):
     again = client.post("/embed", files={"file": ("renamed.png", scene, "image/png")}).json()
     assert again["image_id"] == scene_id and again["cached"] is True
+    assert again["name"] == "renamed.png"  # the caller's name: names are not shared
     picked = client.post("/embed", data={"name": "scene.png"}).json()
     assert picked["image_id"] == scene_id and picked["cached"] is True
     assert (picked["width"], picked["height"], picked["mode"]) == (W, H, "RGB")
@@ -262,7 +263,7 @@ def test_image_modes_are_read_as_segment_reads_them(client, tmp_path):
     ({"point_coords": [[10, 20]], "point_labels": [2]}, ["point_labels.0: Input should be 0 or 1"]),
     ({"point_coords": [[10, 20]], "point_labels": [1, 0]}, ["point_labels: 2 labels for 1 points"]),
     ({"point_coords": [[10, 20]] * 65, "point_labels": [1] * 65}, ["point_coords: List should have at most 64"]),
-    ({"point_coords": [[500, 20]], "point_labels": [1]}, ["point (500, 20) is outside the 120x90 image scene.png"]),
+    ({"point_coords": [[500, 20]], "point_labels": [1]}, ["point (500, 20) is outside the 120x90 image image_id"]),
     ({"box": [50, 50, 10, 10]}, ["box must be XYXY with x1 >= x0"]),
     ({"box": [0, 0, 10]}, ["box"]),
     ({}, ["no prompt"]),

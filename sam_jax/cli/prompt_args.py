@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from sam_jax.cli.common import UsageError
+from sam_jax.prompts import check_inside
 
 PROMPT_FIELDS = ("point_coords", "point_labels", "box")
 
@@ -33,18 +34,7 @@ class Prompt:
 
     def check_inside(self, width: int, height: int, image: Path) -> None:
         """Raises ValueError naming the first point or box corner outside the image."""
-        def inside(x, y):
-            return 0 <= x <= width and 0 <= y <= height
-
-        for x, y in [] if self.point_coords is None else self.point_coords:
-            if not inside(x, y):
-                raise ValueError(
-                    f"point ({_fmt(x)}, {_fmt(y)}) is outside the {width}x{height} image {image}")
-        if self.box is not None:
-            x0, y0, x1, y1 = self.box
-            if not (inside(x0, y0) and inside(x1, y1)):
-                raise ValueError(f"box ({', '.join(map(_fmt, self.box))}) is outside the "
-                                 f"{width}x{height} image {image}")
+        check_inside(self.point_coords, self.box, width, height, str(image))
 
     def to_json(self) -> dict[str, Any]:
         as_list = lambda x: None if x is None else x.tolist()

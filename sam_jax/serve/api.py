@@ -124,7 +124,7 @@ def create_app(service: SegmentationService) -> FastAPI:
                 "max_upload_bytes": service.max_upload_bytes, "max_image_pixels": service.max_image_pixels,
                 "cache": {"entries": len(service.embeddings), "bytes": service.embeddings.nbytes,
                           "max_bytes": service.embeddings.max_bytes},
-                "last_encode_seconds": service.last_encode_seconds,
+                "last_encode_seconds": service.last_encode_seconds, "decoder_warm": service.decoder_warm,
                 "everything_defaults": service.everything_defaults}
 
     @app.get("/api/images")
@@ -138,12 +138,12 @@ def create_app(service: SegmentationService) -> FastAPI:
         if (file is None) == (name is None):
             raise RequestError(422, "give exactly one of `file` (an upload) or `name` (an image in --images)")
         if file is not None:
-            data = file.file.read(service.max_upload_bytes + 1)
-            entry, computed = service.embed_upload(data, file.filename or "upload")
+            name = file.filename or "upload"
+            entry, computed = service.embed_upload(file.file.read(service.max_upload_bytes + 1), name)
         else:
             entry, computed = service.embed_folder_image(name)
         h, w = entry.original_size
-        return {"image_id": entry.image_id, "width": w, "height": h, "mode": entry.mode, "name": entry.name,
+        return {"image_id": entry.image_id, "width": w, "height": h, "mode": entry.mode, "name": name,
                 "cached": not computed, "encode_seconds": entry.encode_seconds}
 
     @app.get("/image/{image_id}", responses={200: {"content": {"image/png": {}}}})

@@ -7,7 +7,9 @@
 
 Images are known by `image_id`, the SHA-256 of the file's bytes: the
 embedding cache (an LRU bounded in bytes) holds one entry per content, and
-concurrent requests for one image encode it once. A prompt costs only the
+concurrent requests for one image encode it once. No file name is kept (two
+clients sending the same bytes under different names share the embedding,
+not the names). A prompt costs only the
 decoder. Each prediction gets a random `prediction_id` under which its low-res
 logits are kept, to be fed back as the next prompt's `mask_input` (as the
 official demo does); a prediction can only be fed back on its own image.
@@ -31,10 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator, crop_boxes
-from sam_jax.cli.prompt_args import Prompt
 from sam_jax.image_io import ImageError, ImageTooLargeError, decode_image, image_extensions
 from sam_jax.modeling import Sam, decode_low_res, encode_images
 from sam_jax.predictor import SamPredictor
+from sam_jax.prompts import check_inside
 from sam_jax.serve.cache import ByteLRU
 from sam_jax.utils.amg import coco_encode_rle, mask_to_rle
 
@@ -65,7 +67,6 @@ class EmbeddedImage:
     """An image as the model saw it: (H, W, 3) uint8 `image`, its (1, h, w, D) `features`."""
 
     image_id: str
-    name: str
     mode: str  # the file's Pillow mode, before conversion to RGB
     image: np.ndarray
     features: jax.Array
@@ -113,6 +114,7 @@ class SegmentationService:
         self._encode_lock = threading.Lock()  # one encoder run at a time bounds memory
         self._everything_lock = threading.Lock()
         self.last_encode_seconds: Optional[float] = None
+        self.decoder_warm = False  # warm_up_decoder has compiled the common prompt shapes
 
     # ----------------------------------------------------------------------------- images
 
@@ -168,7 +170,7 @@ class SegmentationService:
             # Compile the decoder for this image size now, not on the first click.
             predictor.predict(np.zeros((1, 2)), np.ones(1), multimask_output=True)
         self.last_encode_seconds = seconds
-        return EmbeddedImage(image_id, name, mode, image, predictor.features, predictor.input_size, seconds)
+        return EmbeddedImage(image_id, mode, image, predictor.features, predictor.input_size, seconds)
 
     def warm_up(self) -> None:
         """Compiles the encoder (one shape for every image), so the first image does not wait for it."""
@@ -190,6 +192,7 @@ class SegmentationService:
             labels = None if n == 0 else np.ones((1, n), np.int32)
             decode_low_res(self.model, self.params, features, coords, labels, box if with_box else None,
                            mask if with_mask else None, True)[0].block_until_ready()
+        self.decoder_warm = True
 
     def image(self, image_id: str) -> EmbeddedImage:
         entry = self.embeddings.get(image_id)
@@ -219,7 +222,7 @@ class SegmentationService:
         if coords is not None and len(coords) == 0:
             coords = labels = None
         try:
-            Prompt(coords, labels, boxes).check_inside(w, h, entry.name)
+            check_inside(coords, boxes, w, h, f"image_id {image_id[:12]}...")
         except ValueError as err:
             raise RequestError(422, str(err)) from None
         logits = None

@@ -8,7 +8,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const imageCanvas = $("image"), maskCanvas = $("mask"), promptCanvas = $("prompts");
+const imageCanvas = $("image"), maskCanvas = $("mask"), promptCanvas = $("prompts"), stage = $("stage");
 const MASK_RGB = [30, 144, 255];
 const HOVER_DELAY_MS = 60;   // debounce: a preview once the cursor rests this long
 const DRAG_PIXELS = 5;       // a press that moves further than this (screen px) draws a box
@@ -156,12 +156,26 @@ async function showImage(data) {
   }
   imageCanvas.getContext("2d").drawImage(bitmap, 0, 0);
   state.image = data;
-  state.everything = null;
-  resetPrompt();
   $("drop-hint").hidden = true;
   $("layers").hidden = false;
+  fitCanvas();
+  state.everything = null;
+  resetPrompt();
   $("everything").disabled = false;
 }
+
+// The image as large as the stage allows, small images scaled up too (the canvases keep the
+// image's own resolution; the prompt and mask layers follow the image's displayed size).
+function fitCanvas() {
+  if (!state.image) return;
+  const {width, height} = state.image;
+  const scale = Math.min((stage.clientWidth - 16) / width, (window.innerHeight - 110) / height);
+  imageCanvas.style.width = `${Math.floor(width * scale)}px`;
+  imageCanvas.style.height = `${Math.floor(height * scale)}px`;
+  for (const canvas of [imageCanvas, maskCanvas]) canvas.style.imageRendering = scale >= 2 ? "pixelated" : "auto";
+  drawPrompts();
+}
+window.addEventListener("resize", fitCanvas);
 
 function openFile(file) {
   if (!file) return;
@@ -177,7 +191,6 @@ $("folder").addEventListener("change", (e) => {
   form.append("name", e.target.value);
   embed(form, e.target.value);
 });
-const stage = $("stage");
 stage.addEventListener("dragover", (e) => { e.preventDefault(); stage.classList.add("dragover"); });
 stage.addEventListener("dragleave", () => stage.classList.remove("dragover"));
 stage.addEventListener("drop", (e) => {
@@ -382,7 +395,8 @@ $("clear").addEventListener("click", clearAll);
 function drawPrompts(rubberBand = null) {
   const ctx = promptCanvas.getContext("2d");
   ctx.clearRect(0, 0, promptCanvas.width, promptCanvas.height);
-  const scale = Math.max(promptCanvas.width, promptCanvas.height) / 800;
+  // markers of a fixed size on screen: `scale` image pixels per CSS pixel
+  const scale = promptCanvas.width / (promptCanvas.getBoundingClientRect().width || promptCanvas.width);
   for (const box of [state.box, rubberBand]) {
     if (!box) continue;
     ctx.lineWidth = 2 * scale;
@@ -393,7 +407,7 @@ function drawPrompts(rubberBand = null) {
   ctx.setLineDash([]);
   for (const p of state.points) {
     ctx.beginPath();
-    ctx.arc(p.x, p.y, 5 * scale, 0, 2 * Math.PI);
+    ctx.arc(p.x, p.y, 6 * scale, 0, 2 * Math.PI);
     ctx.fillStyle = p.label === 1 ? "rgb(40, 200, 80)" : "rgb(230, 50, 50)";
     ctx.fill();
     ctx.lineWidth = 1.5 * scale;
