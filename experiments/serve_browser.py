@@ -93,7 +93,7 @@ def wait_for(driver, script: str, timeout: float = 120, what: str = ""):
 def open_image(driver, path: Path) -> dict:
     """Uploads `path` through the page's file input; returns the embed response the page holds."""
     driver.execute_script("window.samJax.state.image = null; document.body.dataset.state = 'empty';")
-    driver.find_element("id", "file").send_keys(str(path))
+    driver.find_element("id", "file").send_keys(str(Path(path).resolve()))
     wait_for(driver, "document.body.dataset.state === 'ready' || document.body.dataset.state === 'error'",
              what="the embedding")
     return driver.execute_script("return window.samJax.state.image;")

@@ -31,8 +31,8 @@ def add_parser(subparsers) -> None:
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     parser.add_argument("--port", type=common.non_negative_int, default=8000, help="default 8000; 0 picks a free one")
     parser.add_argument("--cache-mb", type=common.positive_int, default=2048,
-                        help="memory for cached image embeddings, MiB (default 2048; ~4.5 MiB per image "
-                             "for the released models, plus the decoded image)")
+                        help="memory for cached image embeddings, MiB (default 2048; 4 MiB per image "
+                             "for the released models, plus 3 bytes per pixel of the decoded image)")
     parser.add_argument("--max-upload-mb", type=common.positive_int, default=50,
                         help="largest image file accepted, MiB (default 50)")
     parser.add_argument("--max-megapixels", type=common.positive_int, default=50,

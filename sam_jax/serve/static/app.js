@@ -426,9 +426,12 @@ function drawMaskRecords(records, preview = false, colours = null) {
     const mask = decodeRle(record.segmentation), rgb = colours ? colours[i] : MASK_RGB;
     for (let j = 0; j < mask.length; j++) {
       if (!mask[j]) continue;
-      pixels.data[4 * j] = rgb[0];
-      pixels.data[4 * j + 1] = rgb[1];
-      pixels.data[4 * j + 2] = rgb[2];
+      // the mask's own edge pixels (a 4-neighbour outside it) in white, the inside in its colour
+      const x = j % width, edge = x === 0 || x === width - 1 || j < width || j >= mask.length - width ||
+        !mask[j - 1] || !mask[j + 1] || !mask[j - width] || !mask[j + width];
+      pixels.data[4 * j] = edge ? 255 : rgb[0];
+      pixels.data[4 * j + 1] = edge ? 255 : rgb[1];
+      pixels.data[4 * j + 2] = edge ? 255 : rgb[2];
       pixels.data[4 * j + 3] = 255;
     }
   });
