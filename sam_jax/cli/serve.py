@@ -17,8 +17,6 @@ from pathlib import Path
 
 from sam_jax.cli import common
 
-MiB = 2**20
-
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("serve", help="interactive segmentation in the browser",
@@ -44,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from sam_jax.serve.api import create_app
-    from sam_jax.serve.service import SegmentationService
+    from sam_jax.serve.service import MiB, SegmentationService
     from sam_jax.weights import load_sam
 
     metadata = common.check_checkpoint(args.checkpoint)

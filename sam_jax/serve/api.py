@@ -30,7 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from sam_jax.serve.service import RequestError, SegmentationService
+from sam_jax.serve.service import EVERYTHING_DEFAULTS, RequestError, SegmentationService
 
 STATIC = importlib.resources.files("sam_jax.serve") / "static"
 MAX_POINTS = 64  # per prompt; each bucket of point counts compiles the decoder once
@@ -125,7 +125,7 @@ def create_app(service: SegmentationService) -> FastAPI:
                 "cache": {"entries": len(service.embeddings), "bytes": service.embeddings.nbytes,
                           "max_bytes": service.embeddings.max_bytes},
                 "last_encode_seconds": service.last_encode_seconds, "decoder_warm": service.decoder_warm,
-                "everything_defaults": service.everything_defaults}
+                "everything_defaults": EVERYTHING_DEFAULTS}
 
     @app.get("/api/images")
     def images() -> dict:

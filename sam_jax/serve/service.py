@@ -38,7 +38,7 @@ from sam_jax.modeling import Sam, decode_low_res, encode_images
 from sam_jax.predictor import SamPredictor
 from sam_jax.prompts import check_inside
 from sam_jax.serve.cache import ByteLRU
-from sam_jax.utils.amg import coco_encode_rle, mask_to_rle
+from sam_jax.utils.amg import area_from_rle, batched_mask_to_box, box_xyxy_to_xywh, coco_encode_rle, mask_to_rle
 
 MiB = 2**20
 
@@ -96,7 +96,7 @@ class Prediction:
 class SegmentationService:
     def __init__(self, model: Sam, params: Any, *, images_folder: Optional[str] = None,
                  cache_bytes: int = 2048 * MiB, max_upload_bytes: int = 50 * MiB,
-                 max_image_pixels: int = 50_000_000, everything_defaults: Optional[dict] = None) -> None:
+                 max_image_pixels: int = 50_000_000) -> None:
         """`cache_bytes` bounds the embeddings (with their decoded images) kept;
         uploads over `max_upload_bytes` bytes or `max_image_pixels` pixels are refused."""
         self.model = model
@@ -104,13 +104,14 @@ class SegmentationService:
         self.images_folder = None if images_folder is None else Path(images_folder).resolve()
         if self.images_folder is not None and not self.images_folder.is_dir():
             raise ValueError(f"--images {images_folder}: no such folder")
+        self._extensions = image_extensions()
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_image_pixels = int(max_image_pixels)
-        self.everything_defaults = {**EVERYTHING_DEFAULTS, **(everything_defaults or {})}
         self.embeddings = ByteLRU(cache_bytes, lambda e: e.nbytes)
         # Feedback logits, ~0.8 MB per prediction of the released models: the last few hundred.
         self.predictions = ByteLRU(256 * MiB, lambda p: p.nbytes)
-        self.everything_results = ByteLRU(256 * MiB, lambda r: r[1])
+        self.everything_results = ByteLRU(256 * MiB, lambda result: sum(
+            len(r["segmentation"]["counts"]) + 200 for r in result["records"]))
         self._encode_lock = threading.Lock()  # one encoder run at a time bounds memory
         self._everything_lock = threading.Lock()
         self.last_encode_seconds: Optional[float] = None
@@ -122,16 +123,13 @@ class SegmentationService:
         """Names of the image files directly in `images_folder` (none without one)."""
         if self.images_folder is None:
             return []
-        extensions = image_extensions()
-        return sorted(p.name for p in self.images_folder.iterdir()
-                      if not p.name.startswith(".") and p.suffix.lower() in extensions and p.is_file()
-                      and self._inside_folder(p))
+        return sorted(p.name for p in self.images_folder.iterdir() if self._servable(p.name))
 
     def folder_image(self, name: str) -> bytes:
         """The bytes of `images_folder/name`; only names `list_images` gives are served."""
         if self.images_folder is None:
             raise RequestError(404, "the server was started without --images: there is no folder to pick from")
-        if name not in self.list_images():
+        if not self._servable(name):
             raise RequestError(404, f"{name!r} is not an image in the --images folder")
         path = self.images_folder / name
         size = path.stat().st_size
@@ -139,10 +137,15 @@ class SegmentationService:
             raise RequestError(413, f"{name}: {size:,} bytes is over the {self.max_upload_bytes:,}-byte limit")
         return path.read_bytes()
 
-    def _inside_folder(self, path: Path) -> bool:
-        """Whether `path`, links resolved, lies in `images_folder` (a link may point outside)."""
+    def _servable(self, name: str) -> bool:
+        """Whether `name` is a plain name (no folder, not hidden) of an image file directly in
+        `images_folder`, links resolved (a link may point outside it)."""
+        if not name or name.startswith(".") or Path(name).name != name:
+            return False
+        path = self.images_folder / name
         try:
-            return path.resolve().parent == self.images_folder
+            return (path.suffix.lower() in self._extensions and path.is_file()
+                    and path.resolve().parent == self.images_folder)
         except OSError:
             return False
 
@@ -265,7 +268,7 @@ class SegmentationService:
         unknown = sorted(set(settings) - set(EVERYTHING_DEFAULTS))
         if unknown:
             raise RequestError(422, f"unknown settings {unknown}; known: {sorted(EVERYTHING_DEFAULTS)}")
-        settings = {**self.everything_defaults, **{k: v for k, v in settings.items() if v is not None}}
+        settings = {**EVERYTHING_DEFAULTS, **{k: v for k, v in settings.items() if v is not None}}
         key = (image_id, tuple(sorted(settings.items())))
 
         def generate():
@@ -278,19 +281,13 @@ class SegmentationService:
                 start = time.perf_counter()
                 records = generator.generate(entry.image, image_embedding=entry.features)
                 seconds = time.perf_counter() - start
-            result = {"records": records, "seconds": seconds, "settings": settings}
-            return result, sum(len(r["segmentation"]["counts"]) + 200 for r in records)
+            return {"records": records, "seconds": seconds, "settings": settings}
 
-        return self.everything_results.get_or_compute(key, generate)[0][0]
+        return self.everything_results.get_or_compute(key, generate)[0]
 
 
 def mask_records(masks: np.ndarray, scores: np.ndarray) -> list[dict]:
     """(C, H, W) bool masks and (C,) IoU predictions -> records with COCO RLE segmentations."""
-    records = []
-    for rle, mask, score in zip(mask_to_rle(masks), masks, scores):
-        ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-        # XYWH with w = x_max - x_min, as the official generator's records have it
-        bbox = [int(xs[0]), int(ys[0]), int(xs[-1] - xs[0]), int(ys[-1] - ys[0])] if len(xs) else [0, 0, 0, 0]
-        records.append({"segmentation": coco_encode_rle(rle), "predicted_iou": float(score),
-                        "area": int(sum(rle["counts"][1::2])), "bbox": bbox})
-    return records
+    boxes = box_xyxy_to_xywh(batched_mask_to_box(masks)).tolist()  # as the generator's records
+    return [{"segmentation": coco_encode_rle(rle), "predicted_iou": float(score), "area": area_from_rle(rle),
+             "bbox": box} for rle, score, box in zip(mask_to_rle(masks), scores, boxes)]

@@ -51,6 +51,14 @@ async function readResponse(response) {
   return data;
 }
 
+// A record's mask, decoded once (Everything redraws and hit-tests every mask on each click).
+const decodedMasks = new WeakMap();
+function maskOf(record) {
+  let mask = decodedMasks.get(record.segmentation);
+  if (!mask) decodedMasks.set(record.segmentation, mask = decodeRle(record.segmentation));
+  return mask;
+}
+
 // COCO compressed RLE (pycocotools' rleFrString) -> (H * W) row-major 0/1 mask.
 function decodeRle(rle) {
   const [h, w] = rle.size, s = rle.counts, counts = [];
@@ -423,7 +431,7 @@ function drawMaskRecords(records, preview = false, colours = null) {
   const ctx = maskCanvas.getContext("2d");
   const pixels = ctx.createImageData(width, height);
   records.forEach((record, i) => {
-    const mask = decodeRle(record.segmentation), rgb = colours ? colours[i] : MASK_RGB;
+    const mask = maskOf(record), rgb = colours ? colours[i] : MASK_RGB;
     for (let j = 0; j < mask.length; j++) {
       if (!mask[j]) continue;
       // the mask's own edge pixels (a 4-neighbour outside it) in white, the inside in its colour
@@ -541,7 +549,7 @@ function selectEverything(point) {
   const index = Math.floor(point.y) * w + Math.floor(point.x);
   let best = null;
   records.forEach((r, i) => {
-    if (decodeRle(r.segmentation)[index] && (best === null || r.area < records[best].area)) best = i;
+    if (maskOf(r)[index] && (best === null || r.area < records[best].area)) best = i;
   });
   state.everything.selected = best;
   maskCanvas.dataset.everythingSelected = best === null ? "" : String(best);
@@ -555,7 +563,7 @@ function maskCanvasOf(record, cutout) {
   const canvas = document.createElement("canvas");
   canvas.width = width;
   canvas.height = height;
-  const mask = decodeRle(record.segmentation);
+  const mask = maskOf(record);
   const ctx = canvas.getContext("2d");
   let pixels;
   if (cutout) {
