@@ -162,3 +162,48 @@ def build_official_for(config) -> "modeling.Sam":
 def state_dict_numpy(model: torch.nn.Module) -> dict:
     """The model's state_dict as numpy arrays (sharing memory with the tensors)."""
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def official_onnx_model(model: "modeling.Sam", stand_ins: str | os.PathLike, **options) -> torch.nn.Module:
+    """The official `SamOnnxModel` (`segment_anything.utils.onnx`) as on segment-anything's main branch.
+    PyPI's 1.0 predates its commit e9f2d58 ("Fix break in computation graph due to typecast to python
+    int"): there the crop size is traced as a constant, so an export from 1.0 gives right masks only
+    for images of the dummy input's aspect ratio (upstream issue #56). `mask_postprocessing` below is
+    that commit's; everything else is the installed official class. `options`: its
+    return_single_mask (default False), use_stability_score, return_extra_metrics."""
+    import torch.nn.functional as F
+
+    onnx_module = official_module("utils.onnx", stand_ins)
+
+    class SamOnnxModelMain(onnx_module.SamOnnxModel):
+        def mask_postprocessing(self, masks, orig_im_size):
+            masks = F.interpolate(masks, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+            prepadded_size = self.resize_longest_image_size(orig_im_size, self.img_size).to(torch.int64)
+            masks = masks[..., : prepadded_size[0], : prepadded_size[1]]
+            orig_im_size = orig_im_size.to(torch.int64)
+            h, w = orig_im_size[0], orig_im_size[1]
+            return F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)
+
+    return SamOnnxModelMain(model, **{"return_single_mask": False, **options})
+
+
+def export_official_onnx(model: "modeling.Sam", config, path: str | os.PathLike, stand_ins: str | os.PathLike,
+                         **options) -> None:
+    """`scripts/export_onnx_model.py`'s export of `official_onnx_model(model, **options)`: its dummy
+    inputs, input and output names, dynamic axes and opset 17 (TorchScript exporter)."""
+    import warnings
+
+    e, m = config.embedding_size, config.low_res_mask_size
+    dummy = {"image_embeddings": torch.randn(1, config.prompt_embed_dim, e, e, dtype=torch.float),
+             "point_coords": torch.randint(low=0, high=config.image_size, size=(1, 5, 2), dtype=torch.float),
+             "point_labels": torch.randint(low=0, high=4, size=(1, 5), dtype=torch.float),
+             "mask_input": torch.randn(1, 1, m, m, dtype=torch.float),
+             "has_mask_input": torch.tensor([1], dtype=torch.float),
+             "orig_im_size": torch.tensor([1500, 2250], dtype=torch.float)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's tracer warnings
+        torch.onnx.export(official_onnx_model(model, stand_ins, **options), tuple(dummy.values()), os.fspath(path),
+                          export_params=True, opset_version=17, do_constant_folding=True,
+                          input_names=list(dummy), output_names=["masks", "iou_predictions", "low_res_masks"],
+                          dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}},
+                          dynamo=False)

@@ -27,6 +27,7 @@ LONGEST_FILES = (
     "test_parity_end_to_end.py",
     "test_train_run.py",
     "test_train_step.py",
+    "test_export_onnx.py",
     "test_converter.py",
     "test_automatic_mask_generator.py",
     "test_interactive_training.py",
@@ -53,6 +54,17 @@ def relative_error(actual, expected) -> float:
     if not np.any(expected):  # empty or all zero: exact agreement is the only pass
         return 0.0 if np.array_equal(actual, expected) else float("inf")
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def check_output(label: str, got, want, tol: float = 1e-4) -> None:
+    """An exported model's output against the reference: IoU-like scores within `tol` absolute,
+    anything else within `tol` relative L2 error (reported)."""
+    if label.endswith("iou_predictions"):
+        np.testing.assert_allclose(got, want, atol=tol, rtol=0, err_msg=label)
+        return
+    error = relative_error(got, want)
+    report(label, error)
+    assert error < tol, label
 
 
 def report(name: str, error: float) -> None:

@@ -22,7 +22,7 @@ LAYERS = [
     ("front ends", ["sam_jax.predictor", "sam_jax.batch_predictor", "sam_jax.automatic_mask_generator",
                     "sam_jax.evaluation"]),
     ("training", ["sam_jax.training"]),
-    ("server", ["sam_jax.serve"]),
+    ("deployment", ["sam_jax.serve", "sam_jax.export"]),
     ("command line", ["sam_jax.cli", "sam_jax"]),
 ]
 

@@ -5,6 +5,7 @@
     sam-jax segment --checkpoint converted/vit_b --input photos/ --output out/ --prompts prompts.json
     sam-jax amg --checkpoint converted/vit_b --input photos/ --output masks/ [--convert-to-rle]
     sam-jax serve --checkpoint converted/vit_b [--images photos/]     # then open the printed URL
+    sam-jax export --checkpoint converted/vit_b --format onnx --output exported/   # or stablehlo
 
 `sam-jax <command> --help` describes each. Bad input (a missing or
 unreadable file, a malformed prompt, a checkpoint of the wrong kind) is one
@@ -19,7 +20,7 @@ import re
 import sys
 from typing import NoReturn, Optional
 
-from sam_jax.cli import amg, segment, serve
+from sam_jax.cli import amg, export, segment, serve
 from sam_jax.cli.common import PROG, UsageError
 from sam_jax.errors import CheckpointError
 
@@ -39,10 +40,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                      epilog=f"`{PROG} <command> --help` for each command's options.")
-    subparsers = parser.add_subparsers(dest="command", metavar="{segment,amg,serve,convert}", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="{segment,amg,serve,export,convert}", required=True)
     segment.add_parser(subparsers)
     amg.add_parser(subparsers)
     serve.add_parser(subparsers)
+    export.add_parser(subparsers)
     add_convert_parser(subparsers)
     return parser
 

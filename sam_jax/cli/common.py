@@ -176,9 +176,22 @@ def add_command(subparsers, name: str, help: str, doc: str) -> argparse.Argument
     return parser
 
 
-def add_io_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_command(subparsers, name: str, doc: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand over one model (serve, export): its module docstring's second paragraph as
+    the description, and --checkpoint."""
+    parser = subparsers.add_parser(name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   description=textwrap.fill(" ".join(doc.split("\n\n")[1].split()), 79))
+    add_checkpoint_argument(parser)
+    return parser
+
+
+def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
                         help=f"a converted sam_jax checkpoint folder (make one with `{PROG} convert`)")
+
+
+def add_io_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_argument(parser)
     parser.add_argument("--input", required=True, metavar="IMAGE_OR_FOLDER",
                         help="an image file or a folder of images")
     parser.add_argument("--output", required=True, metavar="OUTDIR", help="folder for the outputs")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import socket
-import textwrap
 import threading
 from pathlib import Path
 
@@ -19,11 +18,7 @@ from sam_jax.cli import common
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("serve", help="interactive segmentation in the browser",
-                                   description=textwrap.fill(" ".join(__doc__.split("\n\n")[1].split()), 79),
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help=f"a converted sam_jax checkpoint folder (make one with `{common.PROG} convert`)")
+    parser = common.add_model_command(subparsers, "serve", __doc__, "interactive segmentation in the browser")
     parser.add_argument("--images", metavar="FOLDER", help="a folder of images the page can pick from")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")

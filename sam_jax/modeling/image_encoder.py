@@ -86,9 +86,14 @@ def window_partition(
     b, h, w, c = x.shape
     hp = -(-h // window_size) * window_size
     wp = -(-w // window_size) * window_size
-    if (hp, wp) != (h, w):
-        padded = jnp.broadcast_to(jnp.asarray(fill, x.dtype), (b, hp, wp, c))
-        x = jax.lax.dynamic_update_slice(padded, x, (0, 0, 0, 0))
+    # Concatenated rather than written into a filled frame: the same values, and an ONNX export
+    # (jax2onnx) gets two Concats where a dynamic_update_slice becomes a ScatterND with an index
+    # per element (300 MB of indices per block for vit_b).
+    fill = jnp.asarray(fill, x.dtype)
+    if wp != w:
+        x = jnp.concatenate([x, jnp.broadcast_to(fill, (b, h, wp - w, c))], axis=2)
+    if hp != h:
+        x = jnp.concatenate([x, jnp.broadcast_to(fill, (b, hp - h, wp, c))], axis=1)
     x = x.reshape(b, hp // window_size, window_size, wp // window_size, window_size, c)
     windows = x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
     return windows, (hp, wp)

@@ -36,7 +36,11 @@ class SubpixelConvTranspose(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (2, 2, self.features, x.shape[-1]), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        y = jnp.einsum("...i,aboi->...abo", x.astype(self.dtype), kernel.astype(self.dtype))
+        # One matmul against the (I, 2*2*O) kernel: einsum("...i,aboi->...abo"), in the form an
+        # ONNX export runs fastest (onnxruntime's Einsum is slower than its MatMul).
+        i, o = x.shape[-1], self.features
+        matrix = kernel.astype(self.dtype).reshape(4 * o, i).T
+        y = jnp.dot(x.astype(self.dtype), matrix).reshape(*x.shape[:-1], 2, 2, o)
         return y + bias.astype(self.dtype)
 
 

@@ -98,7 +98,7 @@ class PromptEncoder(nn.Module):
         """(1, h, w, embed_dim) positional encoding of the image embedding grid."""
         return self.pe_layer.dense(self.image_embedding_size)[None]
 
-    def _embed_points(self, points: jax.Array, labels: jax.Array, pad: bool) -> jax.Array:
+    def embed_points(self, points: jax.Array, labels: jax.Array, pad: bool) -> jax.Array:
         """(B, N, 2), (B, N) -> (B, N + pad, D); label -1 marks a not-a-point, 2 / 3 box corners."""
         points = points.astype(jnp.float32) + 0.5  # pixel centre
         labels = labels.astype(jnp.int32)
@@ -114,7 +114,7 @@ class PromptEncoder(nn.Module):
         emb = jnp.where(labels == BOX_BOTTOM_RIGHT, emb + self.point_embeddings[3].embedding[0], emb)
         return emb
 
-    def _embed_boxes(self, boxes: jax.Array) -> jax.Array:
+    def embed_boxes(self, boxes: jax.Array) -> jax.Array:
         """(B, 4) XYXY -> (B, 2, D) corner embeddings."""
         corners = boxes.astype(jnp.float32).reshape(-1, 2, 2) + 0.5
         emb = self.pe_layer.with_coords(corners, self.input_image_size)
@@ -123,7 +123,7 @@ class PromptEncoder(nn.Module):
         )
         return emb + corner_types
 
-    def _embed_masks(self, masks: jax.Array) -> jax.Array:
+    def embed_masks(self, masks: jax.Array) -> jax.Array:
         """(B, 1, 4h, 4w) mask logits -> (B, h, w, D)."""
         x = masks.reshape(masks.shape[0], *masks.shape[2:], 1).astype(self.dtype)
         x = gelu(self.mask_downscaling_1(self.mask_downscaling_0(x)))
@@ -158,13 +158,13 @@ class PromptEncoder(nn.Module):
             bs = 1
         sparse = [jnp.zeros((bs, 0, self.embed_dim), jnp.float32)]
         if points is not None:
-            sparse.append(self._embed_points(points[0], points[1], pad=boxes is None))
+            sparse.append(self.embed_points(points[0], points[1], pad=boxes is None))
         if boxes is not None:
-            sparse.append(self._embed_boxes(boxes))
+            sparse.append(self.embed_boxes(boxes))
         sparse = jnp.concatenate(sparse, axis=1)
 
         if masks is not None:
-            dense = self._embed_masks(masks)
+            dense = self.embed_masks(masks)
         else:
             h, w = self.image_embedding_size
             dense = jnp.broadcast_to(no_mask, (bs, h, w, self.embed_dim))

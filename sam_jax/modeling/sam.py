@@ -31,13 +31,15 @@ class Sam(nn.Module):
     # Training only: encoder stochastic depth, rising linearly over the blocks to this rate
     # (the paper: 0.4 ViT-H/L, 0.6 ViT-B); active in `encode_image(..., deterministic=False)`.
     drop_path_rate: float = 0.0
+    # Global attention over chunks of this many queries (see ImageEncoderViT); None: all at once.
+    query_chunk_size: Optional[int] = 32
 
     def setup(self):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.image_encoder = ImageEncoderViT(
             cfg.encoder, scan_blocks=self.scan_blocks, remat_policy=self.remat_policy,
-            drop_path_rate=self.drop_path_rate, **kw
+            drop_path_rate=self.drop_path_rate, query_chunk_size=self.query_chunk_size, **kw
         )
         self.prompt_encoder = PromptEncoder(
             embed_dim=cfg.prompt_embed_dim,

@@ -35,6 +35,14 @@ class Linear(nn.Module):
         return jnp.dot(x.astype(self.dtype), self.kernel.astype(self.dtype)) + self.bias.astype(self.dtype)
 
 
+def _many_few(length, head_width: int) -> tuple[bool, bool]:
+    """(length > head_width, length < head_width). A symbolic length (the prompt tokens of a
+    decoder exported for any number of points) counts as few: prompts have a few points."""
+    if jax.export.is_symbolic_dim(length):
+        return False, True
+    return length > head_width, length < head_width
+
+
 class Attention(nn.Module):
     """Multi-head attention whose q/k/v projections may shrink the width by `downsample_rate`.
 
@@ -69,9 +77,10 @@ class Attention(nn.Module):
         # Queries or keys/values may have batch 1, shared by all B prompts (the decoder's
         # first layer sees the same image for every prompt): then they are projected once.
         own = q.shape[0] == k.shape[0] == v.shape[0]  # no side shared by the B prompts
-        fold_keys = own and k.shape[1] > c > q.shape[1]  # few queries, a prompt's own keys
-        fold_queries = own and q.shape[1] > c > k.shape[1]  # a prompt's own queries, few keys
-        fold_out = q.shape[1] > c > k.shape[1] and k.shape[0] == v.shape[0] == b
+        (many_q, few_q), (many_k, few_k) = (_many_few(x.shape[1], c) for x in (q, k))
+        fold_keys = own and many_k and few_q  # few queries, a prompt's own keys
+        fold_queries = own and many_q and few_k  # a prompt's own queries, few keys
+        fold_out = many_q and few_k and k.shape[0] == v.shape[0] == b
 
         if fold_keys:
             qh = heads(q_proj(q))  # (B, T, heads, c)
