@@ -121,7 +121,8 @@ def save_onnx(proto: onnx.ModelProto, path, max_bytes: int = 2**31 - 2**26) -> l
     `max_bytes` (default: below protobuf's 2 GiB limit, which vit_h's encoder passes). Returns the
     names of the files written."""
     path = Path(path)
-    if proto.ByteSize() < max_bytes:
+    # The weights' bytes, not proto.ByteSize(): protobuf cannot size a message past 2 GiB.
+    if sum(len(t.raw_data) for t in proto.graph.initializer) < max_bytes:
         onnx.save_model(proto, path)
         return [path.name]
     data = path.name + ".data"
