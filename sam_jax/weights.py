@@ -27,9 +27,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -42,6 +40,7 @@ import orbax.checkpoint as ocp
 from sam_jax.configs import SamConfig
 from sam_jax.errors import CheckpointError
 from sam_jax.modeling.sam import Sam
+from sam_jax.staging import staged_directory
 from sam_jax.tree_paths import flatten, list_keys
 
 METADATA_FILE = "sam_jax.json"
@@ -259,13 +258,9 @@ def save_params(
     layout = layout_of(params)
     check_params_match(abstract_params(config, layout == SCANNED), params, "params to save")
     check_values(flatten(params), "params to save")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".staging", dir=directory.parent))
-    try:
-        staged = staging / "checkpoint"
-        staged.mkdir()
+    with staged_directory(directory) as staged:
         try:
-            with orbax_failures_quiet(staging):
+            with orbax_failures_quiet(staged.parent):
                 ocp.PyTreeCheckpointer().save(staged / PARAMS_DIR, jax.tree_util.tree_map(np.asarray, params))
         except (OSError, ValueError) as err:  # tensorstore reports a failed write as a ValueError
             failure = OSError(f"{directory}: cannot write the checkpoint ({_write_error_reason(err)})")
@@ -273,11 +268,6 @@ def save_params(
             raise failure from None
         metadata = {"format": FORMAT, "config": config.to_dict(), "layout": layout, "source": source}
         (staged / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        if directory.exists():
-            os.replace(directory, staging / "replaced")
-        os.replace(staged, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 

@@ -4,6 +4,7 @@ against the official `SamOnnxModel` exported by torch.onnx from the same random 
 from __future__ import annotations
 
 import json
+import zlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -72,7 +73,7 @@ def prompt_case(name: str, cfg, rng):
 def test_decoder_equals_sam_jax_decoder(tiny, exported, prompts, size, with_mask):
     cfg, _, params = tiny
     model = Sam(cfg)
-    rng = np.random.default_rng(abs(hash((prompts, size, with_mask))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(f"{prompts} {size} {with_mask}".encode()))  # the same every run
     e, m = cfg.embedding_size, cfg.low_res_mask_size
     embedding = rng.normal(size=(1, e, e, cfg.prompt_embed_dim)).astype(np.float32)
     points, labels, box = prompt_case(prompts, cfg, rng)

@@ -16,7 +16,7 @@ SOURCE_TREES = ("sam_jax", "experiments", "checkpoints_convert", "tests")
 # does not import the predictors). `sam_jax/__init__.py` re-exports and sits on top.
 LAYERS = [
     ("base", ["sam_jax.configs", "sam_jax.errors", "sam_jax.tree_paths", "sam_jax.metrics", "sam_jax.host",
-              "sam_jax.image_io", "sam_jax.folder_runner", "sam_jax.utils", "sam_jax.data"]),
+              "sam_jax.image_io", "sam_jax.folder_runner", "sam_jax.staging", "sam_jax.utils", "sam_jax.data"]),
     ("model", ["sam_jax.modeling"]),
     ("core", ["sam_jax.prompts", "sam_jax.weights"]),
     ("front ends", ["sam_jax.predictor", "sam_jax.batch_predictor", "sam_jax.automatic_mask_generator",

@@ -14,8 +14,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +22,7 @@ import numpy as np
 
 from sam_jax.export import graphs, stablehlo
 from sam_jax.modeling import Sam
+from sam_jax.staging import staged_directory
 
 FORMATS = ("onnx", "stablehlo")
 PARTS = ("decoder", "encoder", "both")
@@ -47,24 +46,17 @@ def export_model(model: Sam, params, output: str | os.PathLike, format: str = "o
     parts, options, output = check_request(format, part, output, overwrite, return_single_mask=return_single_mask,
                                            use_stability_score=use_stability_score,
                                            return_extra_metrics=return_extra_metrics)
-    staging = _make_staging(output)
     try:
-        staged = staging / "export"
-        staged.mkdir()
-        manifest = {"format": "sam_jax export", "kind": format, "model": model.config.name,
-                    "config": model.config.to_dict(), "source": source,
-                    "sam_jax_version": _version("sam_jax"), "created": _now(), "parts": {}}
-        for name in parts:
+        with staged_directory(output) as staged:
+            manifest = {"format": "sam_jax export", "kind": format, "model": model.config.name,
+                        "config": model.config.to_dict(), "source": source,
+                        "sam_jax_version": _version("sam_jax"), "created": _now(), "parts": {}}
             write = _write_onnx if format == "onnx" else _write_stablehlo
-            manifest["parts"][name] = write(model, params, name, staged, options if name == "decoder" else {})
-        (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if output.exists():
-            os.replace(output, staging / "replaced")
-        os.replace(staged, output)
+            for name in parts:
+                manifest["parts"][name] = write(model, params, name, staged, options if name == "decoder" else {})
+            (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     except OSError as err:
-        raise OSError(f"{output}: cannot write the export ({err.strerror or err})") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        raise OSError(f"{output}: cannot write there ({err.strerror or err})") from None
     return output
 
 
@@ -138,14 +130,6 @@ def _check_output(output: Path, overwrite: bool) -> Path:
         if not (output / MANIFEST).is_file():
             raise FileExistsError(f"{output} exists and is not a sam_jax export; not replacing it")
     return output
-
-
-def _make_staging(output: Path) -> Path:
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".staging", dir=output.parent))
-    except OSError as err:
-        raise OSError(f"{output}: cannot write there ({err.strerror or err})") from None
 
 
 def _version(package: str) -> str:
