@@ -1,4 +1,4 @@
-"""The machine a measurement ran on: its CPU model and the fp32 matmul rate JAX reaches there.
+"""The machine a measurement ran on: its CPU model and the matmul rate JAX reaches there.
 
 Hosts differ several-fold in matmul rate, so a speed figure is reported beside
 the rate measured in the same run, on the same machine, and the CPU's name.
@@ -27,9 +27,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def matmul_rate(n: int = 4096, repeats: int = 5) -> float:
-    """JAX's fp32 (n, n) @ (n, n) rate on the default device, FLOP/s (median of `repeats`)."""
-    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
+def matmul_rate(n: int = 4096, repeats: int = 5, dtype=jnp.float32) -> float:
+    """JAX's (n, n) @ (n, n) rate in `dtype` on the default device, FLOP/s (median of `repeats`)."""
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     times = []

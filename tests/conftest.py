@@ -32,6 +32,8 @@ LONGEST_FILES = (
     "test_automatic_mask_generator.py",
     "test_interactive_training.py",
     "test_train_parallelism.py",
+    "test_device_benchmark.py",
+    "test_attention_impls.py",
     "test_point_protocol_parity.py",
     "test_batch_predictor.py",
     "test_predictor.py",

@@ -47,7 +47,7 @@ def main() -> None:
 
     # Mesh over every device of every process; each process passes its slice of the global batch.
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    step, shardings = sharded_train_step(make_train_step(model, opt_config, interactive), jax.eval_shape(lambda: state), mesh)
+    step, shardings = sharded_train_step(make_train_step(model, opt_config, interactive, fsdp_mesh=mesh), jax.eval_shape(lambda: state), mesh)
     sharded = jax.tree.map(
         lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: np.asarray(x)[index]), state, shardings
     )

@@ -46,6 +46,8 @@ def export_model(model: Sam, params, output: str | os.PathLike, format: str = "o
     parts, options, output = check_request(format, part, output, overwrite, return_single_mask=return_single_mask,
                                            use_stability_score=use_stability_score,
                                            return_extra_metrics=return_extra_metrics)
+    # Portable graphs: the XLA attention (a Pallas kernel is one backend's custom call).
+    model = model.clone(attention_impl="xla")
     try:
         with staged_directory(output) as staged:
             manifest = {"format": "sam_jax export", "kind": format, "model": model.config.name,

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_jax.configs import ImageEncoderConfig
-from sam_jax.modeling.common import Dtype, LayerNorm, MLPBlock, softmax_fp32
+from sam_jax.modeling.attention import check_attention_impl, rel_pos_attention
+from sam_jax.modeling.common import Dtype, LayerNorm, MLPBlock
 from sam_jax.modeling.interpolate import resize_linear
 
 REMAT_POLICIES = {
@@ -119,6 +120,7 @@ class Attention(nn.Module):
     input_size: tuple[int, int]  # grid the rel-pos tables are sized for (the window if windowed)
     window_size: int = 0  # 0: global attention
     query_chunk_size: Optional[int] = None  # see ImageEncoderViT
+    attention_impl: str = "auto"  # see sam_jax.modeling.attention
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -156,27 +158,12 @@ class Attention(nn.Module):
         f32 = dict(preferred_element_type=jnp.float32)
         rel_h = jnp.einsum("bhwnc,hkc->bnhwk", r_q, rel_h_table, **f32).reshape(b, n, h * w, h)
         rel_w = jnp.einsum("bhwnc,wkc->bnhwk", r_q, rel_w_table, **f32).reshape(b, n, h * w, w)
-        # Head-major layouts, transposed once rather than in every query chunk.
-        queries = (q * head_dim**-0.5).transpose(0, 2, 1, 3)  # (B, heads, N, d)
-        keys_t = k.transpose(0, 2, 3, 1)  # (B, heads, d, N)
-        values = v.transpose(0, 2, 1, 3)  # (B, heads, N, d)
-
-        def attend(q_c, rel_h_c, rel_w_c):
-            """(B, heads, Q, d) queries and their rel-pos terms -> (B, heads, Q, d)."""
-            logits = jnp.einsum("bnqd,bndk->bnqk", q_c, keys_t, **f32)
-            logits = logits.reshape(*q_c.shape[:3], h, w) + rel_h_c[..., None] + rel_w_c[..., None, :]
-            attn = softmax_fp32(logits.reshape(*q_c.shape[:3], h * w), self.dtype)
-            return jnp.einsum("bnqk,bnkd->bnqd", attn, values)
-
-        chunk = self.query_chunk_size
-        if chunk is None or h * w <= chunk or (h * w) % chunk:
-            out = attend(queries, rel_h, rel_w)
-        else:
-            # Chunks of queries keep each chunk's logits (heads x chunk x N) in cache;
-            # the all-at-once logits of a 64x64 grid are 64 MB per head.
-            split = lambda t: jnp.moveaxis(t.reshape(b, n, -1, chunk, t.shape[-1]), 2, 0)
-            out = jax.lax.map(lambda a: attend(*a), (split(queries), split(rel_h), split(rel_w)))
-            out = jnp.moveaxis(out, 0, 2).reshape(b, n, h * w, head_dim)
+        heads_first = lambda t: t.transpose(0, 2, 1, 3)  # (B, heads, N, d)
+        out = rel_pos_attention(
+            heads_first(q * head_dim**-0.5), heads_first(k), heads_first(v), rel_h, rel_w,
+            impl=self.attention_impl, windowed=self.window_size > 0, dtype=self.dtype,
+            query_chunk_size=self.query_chunk_size,
+        )
         return out.transpose(0, 2, 1, 3).reshape(b, h, w, c)
 
 
@@ -188,6 +175,7 @@ class Block(nn.Module):
     window_size: int
     input_size: tuple[int, int]  # token grid of the full image
     query_chunk_size: Optional[int] = None  # global attention only; see ImageEncoderViT
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -209,6 +197,7 @@ class Block(nn.Module):
             (self.window_size,) * 2 if windowed else self.input_size,
             self.window_size,
             None if windowed else self.query_chunk_size,
+            self.attention_impl,
             name="attn",
             **kw,
         )
@@ -222,6 +211,7 @@ class BlockGroup(nn.Module):
 
     config: ImageEncoderConfig
     query_chunk_size: Optional[int] = None
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -239,6 +229,7 @@ class BlockGroup(nn.Module):
                 window_size=0 if j == g - 1 else cfg.window_size,
                 input_size=(cfg.grid_size, cfg.grid_size),
                 query_chunk_size=self.query_chunk_size,
+                attention_impl=self.attention_impl,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"blocks_{j}",
@@ -274,6 +265,9 @@ class ImageEncoderViT(nn.Module):
     # Global attention runs over chunks of this many queries (None: all at once).
     # Identical results; on the CPU, 32 runs vit_b's global blocks ~3x faster than all at once.
     query_chunk_size: Optional[int] = 32
+    # Which attention computes the blocks (`sam_jax.modeling.attention`): "auto" picks fused
+    # kernels on GPUs/TPUs and the "xla" path (the one above) on the CPU.
+    attention_impl: str = "auto"
     # Training only: stochastic depth rate of the last block, block i gets rate * i / (depth - 1)
     # (`drop_path_rates`); used when called with deterministic=False, with a 'dropout' rng.
     drop_path_rate: float = 0.0
@@ -294,6 +288,7 @@ class ImageEncoderViT(nn.Module):
         if self.remat_policy is not None and self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {self.remat_policy!r}; choose from {sorted(REMAT_POLICIES)}")
         policy = REMAT_POLICIES.get(self.remat_policy)
+        check_attention_impl(self.attention_impl)
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1); got {self.drop_path_rate}")
         if self.scan_blocks:
@@ -312,7 +307,7 @@ class ImageEncoderViT(nn.Module):
                 split_rngs={"params": True, "dropout": True},  # fresh drop-path draws per group
                 in_axes=(0, nn.broadcast),  # per-group rates; `deterministic`
                 length=len(cfg.global_attn_indexes),
-            )(cfg, self.query_chunk_size, **kw)
+            )(cfg, self.query_chunk_size, self.attention_impl, **kw)
         else:
             block = nn.remat(Block, policy=policy, static_argnums=(2, 3)) if self.remat_policy else Block
             self.blocks = [
@@ -322,6 +317,7 @@ class ImageEncoderViT(nn.Module):
                     window_size=0 if i in cfg.global_attn_indexes else cfg.window_size,
                     input_size=(cfg.grid_size, cfg.grid_size),
                     query_chunk_size=self.query_chunk_size,
+                    attention_impl=self.attention_impl,
                     **kw,
                 )
                 for i in range(cfg.depth)

@@ -33,13 +33,16 @@ class Sam(nn.Module):
     drop_path_rate: float = 0.0
     # Global attention over chunks of this many queries (see ImageEncoderViT); None: all at once.
     query_chunk_size: Optional[int] = 32
+    # Encoder attention implementation (`sam_jax.modeling.attention`): "auto", "xla", "dot_product", "flash".
+    attention_impl: str = "auto"
 
     def setup(self):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.image_encoder = ImageEncoderViT(
             cfg.encoder, scan_blocks=self.scan_blocks, remat_policy=self.remat_policy,
-            drop_path_rate=self.drop_path_rate, query_chunk_size=self.query_chunk_size, **kw
+            drop_path_rate=self.drop_path_rate, query_chunk_size=self.query_chunk_size,
+            attention_impl=self.attention_impl, **kw
         )
         self.prompt_encoder = PromptEncoder(
             embed_dim=cfg.prompt_embed_dim,

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from sam_jax.configs import SamConfig
 from sam_jax.data.preprocess import PreprocessConfig
+from sam_jax.modeling.attention import check_attention_impl
 from sam_jax.training.interactive import InteractiveConfig
 from sam_jax.training.optimizer import OptimizerConfig
 
@@ -69,6 +70,7 @@ class TrainConfig:
     scan_blocks: bool = False
     remat_policy: Optional[str] = None
     drop_path_rate: float = 0.0
+    attention_impl: str = "auto"  # the encoder's attention (sam_jax.modeling.attention); "auto" by backend
     # "fsdp": one jit over a Mesh of every device, params and optimizer state FSDP-sharded;
     # "pmap": jax.pmap over each host's devices, the state replicated (data parallel only).
     parallelism: str = "fsdp"
@@ -94,6 +96,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        check_attention_impl(self.attention_impl)
         if self.parallelism not in PARALLELISMS:
             raise ValueError(f"parallelism must be one of {PARALLELISMS}, got {self.parallelism!r}")
         if self.optimizer.total_steps is None:
@@ -107,6 +110,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.data.preprocess.max_masks % self.interactive.mask_chunks:
+            raise ValueError(f"interactive.mask_chunks={self.interactive.mask_chunks} must divide "
+                             f"data.preprocess.max_masks={self.data.preprocess.max_masks}")
 
 
 # ----------------------------------------------------------------------------- overrides

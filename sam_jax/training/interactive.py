@@ -17,8 +17,8 @@ Everything runs on the device at fixed shapes: every mask has a point buffer
 
 which `Sam.decode` embeds exactly as the official point / box prompts (it adds
 the official pad point when there are no box corners). Iterations
-2..11 are a `lax.scan` whose body is rematerialised, so memory holds one
-iteration's activations, not ten. Fed-back logits are `stop_gradient`;
+2..11 are a `lax.scan` whose body is rematerialised, and iteration 1 is
+rematerialised as well, so memory holds one iteration's activations, not eleven. Fed-back logits are `stop_gradient`;
 sampled points are integers of the data. Gradients reach the decoder from all
 11 iterations and the encoder through the shared image embedding.
 
@@ -63,8 +63,14 @@ class InteractiveConfig:
     dice_weight: float = 1.0
     iou_weight: float = 1.0
     iou_kind: str = "mse"
+    # Decode an image's masks in this many rematerialised chunks (a lax.map): the decoder holds
+    # one (masks / chunks) x tokens x 256 copy of the image tokens per activation, the bulk of a
+    # 64-mask step's memory (`experiments/memory_plan.py`). Same losses, more recomputation.
+    mask_chunks: int = 1
 
     def __post_init__(self):
+        if self.mask_chunks < 1:
+            raise ValueError(f"mask_chunks must be >= 1, got {self.mask_chunks}")
         if self.num_correction_points < 0 or self.num_mask_only < 0:
             raise ValueError(
                 f"num_correction_points and num_mask_only must be >= 0, got "
@@ -190,11 +196,23 @@ def interactive_loss(
     mask_keys = jax.vmap(lambda key: jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(m)))(image_keys)
     mask_keys = mask_keys.reshape((k,) + mask_keys.shape[2:])
 
+    chunks = config.mask_chunks
+    if m % chunks:
+        raise ValueError(f"interactive.mask_chunks={chunks} must divide the masks per image ({m})")
+
     def run(coords, labels, mask_inputs, multimask):
-        shaped = lambda x: x.reshape((b, m) + x.shape[1:])
-        logits, iou = decode(image_embeddings, shaped(coords), shaped(labels),
-                             None if mask_inputs is None else shaped(mask_inputs), multimask)
-        return logits.reshape((k,) + logits.shape[2:]), iou.reshape(k, -1)
+        if chunks == 1:
+            shaped = lambda x: x.reshape((b, m) + x.shape[1:])
+            logits, iou = decode(image_embeddings, shaped(coords), shaped(labels),
+                                 None if mask_inputs is None else shaped(mask_inputs), multimask)
+            return logits.reshape((k,) + logits.shape[2:]), iou.reshape(k, -1)
+        # (K, ...) -> (chunks, B, M / chunks, ...): chunk c holds masks c * M / chunks.. of every image
+        split = lambda x: jnp.moveaxis(x.reshape((b, chunks, m // chunks) + x.shape[1:]), 1, 0)
+        merge = lambda x: jnp.moveaxis(x, 0, 1).reshape((k,) + x.shape[3:])
+        chunk = jax.checkpoint(lambda args: decode(image_embeddings, *args, multimask))
+        logits, iou = jax.lax.map(chunk, (split(coords), split(labels),
+                                          None if mask_inputs is None else split(mask_inputs)))
+        return merge(logits), merge(iou)
 
     def loss_of(logits, iou):
         total, parts = sam_loss(
@@ -207,10 +225,14 @@ def interactive_loss(
                    "miou": _mask_iou(best, targets, valid, num_valid)}
         return total, metrics
 
+    @jax.checkpoint  # rematerialised too: else its activations (B x M copies of the image tokens) outlive the scan
+    def first_iteration(coords, labels):
+        logits, iou = run(coords, labels, None, True)
+        total, metrics = loss_of(logits, iou)
+        return total, metrics, jax.lax.stop_gradient(_best(logits, iou))
+
     coords, labels = initial_prompts(mask_keys, targets, batch["boxes"].reshape(k, 4), image_hw, image_size, config)
-    logits, iou = run(coords, labels, None, True)
-    total, first_metrics = loss_of(logits, iou)
-    previous = jax.lax.stop_gradient(_best(logits, iou))
+    total, first_metrics, previous = first_iteration(coords, labels)
     if config.num_iterations == 1:
         return total, jax.tree.map(lambda x: x[None], first_metrics)
 

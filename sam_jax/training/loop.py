@@ -133,7 +133,7 @@ def open_data(config: TrainConfig, data_dir: str):
 def build_model(config: TrainConfig) -> Sam:
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     return Sam(config.model, dtype=dtype, scan_blocks=config.scan_blocks, remat_policy=config.remat_policy,
-               drop_path_rate=config.drop_path_rate)
+               drop_path_rate=config.drop_path_rate, attention_impl=config.attention_impl)
 
 
 def initial_params(config: TrainConfig, model: Sam):

@@ -52,7 +52,7 @@ class FsdpParallel:
         return jax.device_put(state, self.shardings)
 
     def train_step(self, model: Sam, optimizer_config: OptimizerConfig, interactive: InteractiveConfig):
-        step = make_train_step(model, optimizer_config, interactive)
+        step = make_train_step(model, optimizer_config, interactive, fsdp_mesh=self.mesh)
         return sharded_train_step(step, self.state_shapes, self.mesh, self.axis)[0]
 
     def batch(self, batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:

@@ -15,7 +15,12 @@ path off the result does not depend on how the batch is split over devices.
 - `sharded_train_step`: `jax.jit` over a Mesh; the batch is sharded on its
   leading axis and every param / optimizer-state tensor FSDP-style on its
   largest axis divisible by the device count (`fsdp_sharding`), so vit_h's
-  state is spread over the pod instead of replicated.
+  state is spread over the pod instead of replicated. The step gathers the
+  params for the forward pass (`make_train_step(..., fsdp_mesh=mesh)`) and
+  reduce-scatters their gradients: left to itself, XLA's partitioner keeps
+  the weights split and gathers the activations instead (every device
+  computing the whole batch on a slice of the features; vit_h on 8 devices
+  planned 38 GB per device that way, `experiments/memory_plan.py`).
 
 A non-finite loss or gradient leaves params and optimizer state as they were
 and counts the skip (`nonfinite_in_a_row`, `nonfinite_total`); the training
@@ -73,8 +78,11 @@ def make_train_step(
     interactive: InteractiveConfig,
     *,
     axis_name: Optional[str] = None,
+    fsdp_mesh: Optional[Mesh] = None,
 ) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict[str, jax.Array]]]:
-    """The step as a pure function. `axis_name` names the pmap axis (None under jit).
+    """The step as a pure function. `axis_name` names the pmap axis (None under jit);
+    `fsdp_mesh` the mesh whose devices hold FSDP shards of the state (`sharded_train_step`):
+    the forward pass then runs on params gathered over it, and activations stay split by image.
 
     The optimizer is `make_optimizer(optimizer_config, ...)` (the one `create_train_state`
     initialised); `optimizer_config.freeze_image_encoder` also runs the encoder without
@@ -102,6 +110,8 @@ def make_train_step(
             dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
 
         def loss_fn(params):
+            if fsdp_mesh is not None:  # all-gather here; the gradient's transpose is a reduce-scatter
+                params = jax.lax.with_sharding_constraint(params, NamedSharding(fsdp_mesh, PartitionSpec()))
             images = preprocess_padded(batch["image"], batch["image_size"], model.config)
             embeddings = model.apply(
                 {"params": params}, images, freeze_image_encoder, method=Sam.encode_image, rngs={"dropout": dropout_key}
@@ -173,7 +183,7 @@ def fsdp_sharding(mesh: Mesh, axis: str = "data") -> Callable[[jax.ShapeDtypeStr
 
 
 def sharded_train_step(step_fn, state_shapes: TrainState, mesh: Mesh, axis: str = "data"):
-    """`jax.jit` of a step made with `make_train_step(...)` (no axis_name) over `mesh`.
+    """`jax.jit` of a step made with `make_train_step(..., fsdp_mesh=mesh)` (no axis_name) over `mesh`.
 
     Returns (jitted step, state shardings). Place the state with
     `jax.device_put(state, shardings)`; batches sharded on the leading axis
