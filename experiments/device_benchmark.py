@@ -3,8 +3,10 @@
     bash experiments/device_benchmark.sh                       (on the GPU machine; installs carried wheels)
     python -m experiments.device_benchmark --tiny              (the same sections on the CPU, tiny model)
 
-Sections, in this order (each is timed against `--budget-s`; one that would
-start past it is recorded as skipped, and the JSON is rewritten after each):
+Sections, in this order, timed against `--budget-s` (the encoder's measurements
+leave `--reserve-s` of it to the later sections, the train step starts only with
+`--train-min-s` left; what would start past it is recorded as skipped, and the
+JSON is rewritten after each section):
   matmul      the bf16 (n, n) @ (n, n) rate JAX reaches on the device;
   encoder     sam_jax image-encoder throughput in bf16 at each batch size, for
               each attention path (`sam_jax.modeling.attention`: "xla",
@@ -102,7 +104,7 @@ def bench_encoder(result, name, config, params, reference, args, budget, device)
         images = np.random.default_rng(batch).normal(size=(batch, s, s, 3)).astype(np.float32)
         row = entries.setdefault(f"batch_{batch}", {"gflops": encoder_flops(config, batch) / 1e9})
         for impl in args.impls:
-            if budget.left() < args.section_min_s:
+            if budget.left() - args.reserve_s < args.section_min_s:  # keep time for the generator and training
                 row[impl] = {"skipped": "budget"}
                 continue
             model = Sam(config, dtype=jnp.bfloat16, attention_impl=impl)
@@ -117,7 +119,7 @@ def bench_encoder(result, name, config, params, reference, args, budget, device)
                          flop_utilisation=row["gflops"] * 1e9 / entry["median_s"] / result["matmul_bf16_flops_per_s"])
             row[impl] = entry
             print(f"{name} b{batch} {impl}: {entry['images_per_s']:.1f} img/s", flush=True)
-        if reference is not None and budget.left() >= args.section_min_s:
+        if reference is not None and budget.left() - args.reserve_s >= args.section_min_s:
             torch_x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device=device, dtype=torch.bfloat16)
 
             def official():
@@ -252,7 +254,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-set", action="append", default=[], metavar="PATH=VALUE")
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--budget-s", type=float, default=450.0, help="stop starting sections after this")
-    parser.add_argument("--section-min-s", type=float, default=20.0, help="a section needs this much budget left")
+    parser.add_argument("--section-min-s", type=float, default=20.0, help="a measurement needs this much budget left")
+    parser.add_argument("--reserve-s", type=float, default=150.0,
+                        help="budget the encoder measurements leave for the generator and the train step")
+    parser.add_argument("--train-min-s", type=float, default=100.0,
+                        help="the train step (compile included) starts only with this much budget left")
     parser.add_argument("--output", type=Path, default=Path("workdir/benchmarks/device_benchmark.json"))
     args = parser.parse_args(argv)
     if args.tiny:
@@ -271,8 +277,8 @@ def main(argv=None) -> dict:
     print(f"{result['device']}: bf16 matmul {result['matmul_bf16_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
 
-    def section(name, fn):
-        if budget.left() < args.section_min_s:
+    def section(name, fn, min_s=args.section_min_s):
+        if budget.left() < min_s:
             result["skipped"].append(name)
         else:
             try:
@@ -300,7 +306,7 @@ def main(argv=None) -> dict:
         config, params, reference = models[args.model_types[0]]
         section("amg", lambda: bench_amg(result, config, params, reference, args))
     if "train" in args.sections:
-        section("train", lambda: bench_train(result, args))
+        section("train", lambda: bench_train(result, args), args.train_min_s)
     result["seconds"] = round(args.budget_s - budget.left(), 1)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output} ({result['seconds']} s)")
