@@ -30,7 +30,6 @@ import argparse
 import copy
 import importlib
 import json
-import statistics
 import time
 import traceback
 from pathlib import Path
@@ -39,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmark_inference import ORIGINAL_SIZE, encoder_flops, official_module
+from experiments.benchmark_inference import ORIGINAL_SIZE, encoder_flops, first_run, official_module
+from experiments.benchmark_inference import timed as median_times
 from experiments.sample_image import synthetic_image
 from experiments.train_configs import get_config as get_train_config
 from sam_jax.configs import CONFIGS, get_config
@@ -61,16 +61,8 @@ class Budget:
 
 
 def timed(fn, repeats: int) -> dict:
-    """Warm-up (compile) time and the median of `repeats` calls of `fn` (which blocks until done)."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return {"first_s": round(first, 4), "median_s": statistics.median(times), "times_s": times}
+    """Warm-up (compile) time, then `benchmark_inference.timed`'s median and spread of `repeats` calls."""
+    return {"first_s": round(first_run(fn), 4), **median_times(fn, repeats)}
 
 
 def official_model(config, device: str):
