@@ -33,6 +33,7 @@ LONGEST_FILES = (
     "test_interactive_training.py",
     "test_train_parallelism.py",
     "test_device_benchmark.py",
+    "test_benchmark_train_step.py",
     "test_attention_impls.py",
     "test_point_protocol_parity.py",
     "test_batch_predictor.py",
