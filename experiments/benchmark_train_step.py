@@ -8,7 +8,7 @@ Times the step that `experiments.train` compiles for each phase of a config: "si
 loop's first iteration only, what `single_prompt_steps` train) and "full_loop" (all interactive
 iterations), one device, on a fixed batch shaped as the input pipeline yields it (rectangles as
 masks: a step's cost depends on shapes, not on the pixels). Steps feed their state on, as in
-training; the first (compiling) call is not timed. FLOPs are XLA's cost analysis of the compiled
+training; compiling and the first call are not timed. FLOPs are XLA's cost analysis of the compiled
 step (the rematerialised forward passes included); the host's CPU model and fp32 matmul rate,
 measured in the same run, are recorded beside them. Like `experiments.train`, it re-executes itself
 with glibc's huge-page malloc tunable.
@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import jax
+import numpy as np
 
-from experiments.device_benchmark import train_batch
+from experiments.benchmark_inference import timed
 from experiments.train import restart_with_huge_pages
 from experiments.train_configs import get_config
 from sam_jax.host import cpu_model, matmul_rate
@@ -35,40 +35,71 @@ from sam_jax.training.train_step import create_train_state, make_train_step
 PHASES = ("single_prompt", "full_loop")
 
 
-def bench_phase(config, phase: str, repeats: int, profile_dir: Optional[str]) -> dict:
-    interactive = config.interactive_at(1 if phase == "single_prompt" else config.total_steps)
+def train_batch(config, batch_size: int, seed: int = 0) -> dict:
+    """A batch as the input pipeline hands it to the step: rectangles as masks, their boxes."""
+    p = config.data.preprocess
+    t, low, m = p.image_size, p.low_res_size, p.max_masks
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((batch_size, m, t, t), bool)
+    boxes = np.zeros((batch_size, m, 4), np.float32)
+    points = np.zeros((batch_size, m, 2), np.float32)
+    for i in range(batch_size):
+        for j in range(m):
+            w, h = rng.integers(t // 16, t // 3, 2)
+            x0, y0 = rng.integers(0, t - w), rng.integers(0, t - h)
+            masks[i, j, y0:y0 + h, x0:x0 + w] = True
+            boxes[i, j] = (x0, y0, x0 + w, y0 + h)
+            points[i, j] = (x0 + w / 2, y0 + h / 2)
+    batch = {
+        "image": rng.integers(0, 256, (batch_size, t, t, 3), dtype=np.uint8),
+        "image_size": np.full((batch_size, 2), t, np.int32),
+        "masks_low_res": masks.reshape(batch_size, m, low, t // low, low, t // low).mean(axis=(3, 5)) >= 0.5,
+        "boxes": boxes, "points": points, "point_valid": np.ones((batch_size, m), bool),
+        "mask_valid": np.ones((batch_size, m), bool), "image_id": np.arange(batch_size, dtype=np.int32),
+    }
+    if p.input_res_masks:
+        batch["masks"] = masks
+    return batch
+
+
+def prepare_step(config, interactive, batch_size: int) -> Tuple[Callable[[], dict], float, float]:
+    """The jitted train step of `interactive` for `config`, compiled ahead of time on a fixed
+    `train_batch`: (one_step, XLA FLOPs per step, compile seconds). one_step() runs a step,
+    feeding the state on as training does, and returns its metrics once they are ready."""
     model = build_model(config)
     state = create_train_state(initial_params(config, model), config.optimizer, config.model, config.seed)
     step = jax.jit(make_train_step(model, config.optimizer, interactive), donate_argnums=(0,))
-    batch = jax.device_put(train_batch(config, config.data.global_batch_size))
+    batch = jax.device_put(train_batch(config, batch_size))
     start = time.perf_counter()
     compiled, flops = compile_step(step, state, batch)
     compile_s = time.perf_counter() - start
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
+    holder = {"state": state}
+
+    def one_step() -> dict:
+        holder["state"], metrics = compiled(holder["state"], batch)
+        return jax.block_until_ready(metrics)
+
+    return one_step, flops, compile_s
+
+
+def bench_phase(config, phase: str, repeats: int, profile_dir: Optional[str]) -> dict:
+    interactive = config.interactive_at(1 if phase == "single_prompt" else config.total_steps)
+    one_step, flops, compile_s = prepare_step(config, interactive, config.data.global_batch_size)
+    first = one_step()  # the first call of a compiled step still allocates; not timed
+    entry = timed(one_step, repeats)
     if profile_dir:
         with jax.profiler.trace(str(Path(profile_dir) / phase)):
             for _ in range(3):
-                state, metrics = compiled(state, batch)
-                jax.block_until_ready(metrics)
-    median = statistics.median(times)
+                one_step()
     return {
         "iterations": interactive.num_iterations,
         "images": config.data.global_batch_size,
         "masks_per_image": config.data.preprocess.max_masks,
         "compile_s": round(compile_s, 2),
-        "median_s": median,
-        "min_s": min(times),
-        "times_s": times,
+        **entry,
         "xla_gflops_per_step": flops / 1e9,
-        "gflops_per_s": flops / median / 1e9,
-        "loss": float(metrics["total_loss"]),
+        "gflops_per_s": flops / entry["median_s"] / 1e9,
+        "loss": float(first["total_loss"]),
     }
 
 

@@ -167,58 +167,18 @@ def official_amg_class():
     return importlib.import_module("segment_anything.automatic_mask_generator").SamAutomaticMaskGenerator
 
 
-def train_batch(config, batch_size: int, seed: int = 0) -> dict:
-    """A batch as the input pipeline hands it to the step: rectangles as masks, their boxes."""
-    p = config.data.preprocess
-    t, low, m = p.image_size, p.low_res_size, p.max_masks
-    rng = np.random.default_rng(seed)
-    masks = np.zeros((batch_size, m, t, t), bool)
-    boxes = np.zeros((batch_size, m, 4), np.float32)
-    points = np.zeros((batch_size, m, 2), np.float32)
-    for i in range(batch_size):
-        for j in range(m):
-            w, h = rng.integers(t // 16, t // 3, 2)
-            x0, y0 = rng.integers(0, t - w), rng.integers(0, t - h)
-            masks[i, j, y0:y0 + h, x0:x0 + w] = True
-            boxes[i, j] = (x0, y0, x0 + w, y0 + h)
-            points[i, j] = (x0 + w / 2, y0 + h / 2)
-    batch = {
-        "image": rng.integers(0, 256, (batch_size, t, t, 3), dtype=np.uint8),
-        "image_size": np.full((batch_size, 2), t, np.int32),
-        "masks_low_res": masks.reshape(batch_size, m, low, t // low, low, t // low).mean(axis=(3, 5)) >= 0.5,
-        "boxes": boxes, "points": points, "point_valid": np.ones((batch_size, m), bool),
-        "mask_valid": np.ones((batch_size, m), bool), "image_id": np.arange(batch_size, dtype=np.int32),
-    }
-    if p.input_res_masks:
-        batch["masks"] = masks
-    return batch
-
-
 def bench_train(result, args):
-    from sam_jax.training.loop import build_model, compile_step, initial_params
-    from sam_jax.training.train_step import create_train_state, make_train_step
+    from experiments.benchmark_train_step import prepare_step
 
     overrides = [f"data.global_batch_size={args.train_batch}", f"attention_impl={args.train_attention}",
                  "dtype=bfloat16"]
     config = get_train_config(args.train_config, tuple(overrides + args.train_set))
-    model = build_model(config)
-    state = create_train_state(initial_params(config, model), config.optimizer, config.model, config.seed)
-    step = jax.jit(make_train_step(model, config.optimizer, config.interactive), donate_argnums=(0,))
-    batch = jax.device_put(train_batch(config, args.train_batch))
-    start = time.perf_counter()
-    compiled, flops = compile_step(step, state, batch)
-    compile_s = time.perf_counter() - start
-    holder = {"state": state}
-
-    def one_step():
-        holder["state"], metrics = compiled(holder["state"], batch)
-        jax.block_until_ready(metrics)
-
+    one_step, flops, compile_s = prepare_step(config, config.interactive, args.train_batch)
     entry = timed(one_step, args.repeats)
     entry.update(
         config=args.train_config, model=config.model.name, per_device_batch=args.train_batch,
         masks_per_image=config.data.preprocess.max_masks, image_size=config.model.image_size,
-        iterations=1 + config.interactive.num_correction_points + config.interactive.num_mask_only,
+        iterations=config.interactive.num_iterations,
         dtype=config.dtype, remat_policy=config.remat_policy, attention=args.train_attention,
         compile_s=round(compile_s, 1), xla_flops_per_step=flops,
         model_flop_utilisation=flops / entry["median_s"] / result["matmul_bf16_flops_per_s"],
