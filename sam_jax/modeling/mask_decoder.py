@@ -137,5 +137,8 @@ class MaskDecoder(nn.Module):
             [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             axis=1,
         )  # (B, T, D/8)
-        masks = jnp.einsum("ntz,nijabcdz->ntiacjbd", hyper_in, x)
+        # The product in the map's own (sub-pixel) order, then the T masks rearranged: transposing
+        # the D/8-channel map for an image-order product copies more than the masks hold.
+        masks = jnp.einsum("ntz,nijabcdz->ntijabcd", hyper_in, x)
+        masks = jnp.transpose(masks, (0, 1, 2, 4, 6, 3, 5, 7))  # (B, T, i, a, c, j, b, d)
         return masks.reshape(b, -1, 4 * h, 4 * w), self.iou_prediction_head(iou_token_out)
