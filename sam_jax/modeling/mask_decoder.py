@@ -97,21 +97,23 @@ class MaskDecoder(nn.Module):
           image_pe: (1, h, w, D).
           sparse_prompt_embeddings: (B, N, D).
           dense_prompt_embeddings: (B, h, w, D), or (1, h, w, D) shared by all B prompts.
-          multimask_output: static; True returns tokens 1..3, False token 0.
+          multimask_output: static; True returns tokens 1..3, False token 0 (only those are decoded).
           sparse_prompt_mask: optional (B, N) bool, False for padding tokens.
         Returns:
           masks (B, C, 4h, 4w) logits and iou_pred (B, C), C = 3 or 1.
         """
-        masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
-            sparse_prompt_mask,
-        )
-        sl = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, sl], iou_pred[:, sl]
+        returned = range(1, self.num_mask_tokens) if multimask_output else range(1)
+        return self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                  dense_prompt_embeddings, sparse_prompt_mask, returned)
 
     def predict_masks(self, image_embeddings, image_pe, sparse_prompt_embeddings,
-                      dense_prompt_embeddings, sparse_prompt_mask=None) -> tuple[jax.Array, jax.Array]:
-        """All 1 + num_multimask_outputs masks (B, T, 4h, 4w) and IoU predictions (B, T)."""
+                      dense_prompt_embeddings, sparse_prompt_mask=None,
+                      mask_token_ids: Optional[range] = None) -> tuple[jax.Array, jax.Array]:
+        """Masks (B, T, 4h, 4w) and IoU predictions (B, T) of the mask tokens `mask_token_ids`
+        (static; default all 1 + num_multimask_outputs). Every token still takes part in
+        the transformer; only the returned ones run their hypernetwork and mask product,
+        the same numbers as slicing all of them."""
+        ids = range(self.num_mask_tokens) if mask_token_ids is None else mask_token_ids
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = jnp.concatenate(
             [self.iou_token.embedding, self.mask_tokens.embedding]
@@ -133,12 +135,15 @@ class MaskDecoder(nn.Module):
         # only the T final masks are rearranged to image layout.
         x = gelu(self.output_upscaling_1(self.output_upscaling_0(x)))  # (B, h, w, 2, 2, D/4)
         x = gelu(self.output_upscaling_3(x))  # (B, h, w, 2, 2, 2, 2, D/8)
+        if self.is_initializing():  # every hypernetwork owns params, whichever tokens are asked for
+            for i, mlp in enumerate(self.output_hypernetworks_mlps):
+                mlp(mask_tokens_out[:, i])
         hyper_in = jnp.stack(
-            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-            axis=1,
+            [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i]) for i in ids], axis=1
         )  # (B, T, D/8)
         # The product in the map's own (sub-pixel) order, then the T masks rearranged: transposing
         # the D/8-channel map for an image-order product copies more than the masks hold.
         masks = jnp.einsum("ntz,nijabcdz->ntijabcd", hyper_in, x)
         masks = jnp.transpose(masks, (0, 1, 2, 4, 6, 3, 5, 7))  # (B, T, i, a, c, j, b, d)
-        return masks.reshape(b, -1, 4 * h, 4 * w), self.iou_prediction_head(iou_token_out)
+        iou_pred = self.iou_prediction_head(iou_token_out)[:, ids.start:ids.stop:ids.step]
+        return masks.reshape(b, -1, 4 * h, 4 * w), iou_pred

@@ -18,7 +18,8 @@ Everything runs on the device at fixed shapes: every mask has a point buffer
 which `Sam.decode` embeds exactly as the official point / box prompts (it adds
 the official pad point when there are no box corners). Iterations
 2..11 are a `lax.scan` whose body is rematerialised, and iteration 1 is
-rematerialised as well, so memory holds one iteration's activations, not eleven. Fed-back logits are `stop_gradient`;
+rematerialised as well, so memory holds one iteration's activations, not eleven
+(`InteractiveConfig.remat=False` keeps them all and saves a forward pass). Fed-back logits are `stop_gradient`;
 sampled points are integers of the data. Gradients reach the decoder from all
 11 iterations and the encoder through the shared image embedding.
 
@@ -67,6 +68,9 @@ class InteractiveConfig:
     # one (masks / chunks) x tokens x 256 copy of the image tokens per activation, the bulk of a
     # 64-mask step's memory (`experiments/memory_plan.py`). Same losses, more recomputation.
     mask_chunks: int = 1
+    # Rematerialise each iteration (and each chunk) in the backward pass: memory then holds one
+    # iteration's activations instead of all of them, for one more forward pass of the decoder.
+    remat: bool = True
 
     def __post_init__(self):
         if self.mask_chunks < 1:
@@ -196,6 +200,7 @@ def interactive_loss(
     mask_keys = jax.vmap(lambda key: jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(m)))(image_keys)
     mask_keys = mask_keys.reshape((k,) + mask_keys.shape[2:])
 
+    remat = jax.checkpoint if config.remat else (lambda f: f)
     chunks = config.mask_chunks
     if m % chunks:
         raise ValueError(f"interactive.mask_chunks={chunks} must divide the masks per image ({m})")
@@ -209,7 +214,7 @@ def interactive_loss(
         # (K, ...) -> (chunks, B, M / chunks, ...): chunk c holds masks c * M / chunks.. of every image
         split = lambda x: jnp.moveaxis(x.reshape((b, chunks, m // chunks) + x.shape[1:]), 1, 0)
         merge = lambda x: jnp.moveaxis(x, 0, 1).reshape((k,) + x.shape[3:])
-        chunk = jax.checkpoint(lambda args: decode(image_embeddings, *args, multimask))
+        chunk = remat(lambda args: decode(image_embeddings, *args, multimask))
         logits, iou = jax.lax.map(chunk, (split(coords), split(labels),
                                           None if mask_inputs is None else split(mask_inputs)))
         return merge(logits), merge(iou)
@@ -225,7 +230,7 @@ def interactive_loss(
                    "miou": _mask_iou(best, targets, valid, num_valid)}
         return total, metrics
 
-    @jax.checkpoint  # rematerialised too: else its activations (B x M copies of the image tokens) outlive the scan
+    @remat  # rematerialised too: else its activations (B x M copies of the image tokens) outlive the scan
     def first_iteration(coords, labels):
         logits, iou = run(coords, labels, None, True)
         total, metrics = loss_of(logits, iou)
@@ -239,7 +244,7 @@ def interactive_loss(
     adds = correction_schedule(mask_keys, config)
     slots = jnp.arange(config.num_point_slots)
 
-    @jax.checkpoint
+    @remat
     def iteration(carry, inputs):
         coords, labels, previous, added = carry
         add, t = inputs

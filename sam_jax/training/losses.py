@@ -47,31 +47,53 @@ def _check(logits: jax.Array, targets: jax.Array) -> None:
                          f"{logits.shape} and {targets.shape}")
 
 
+def _sigmoid_parts(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """sigmoid(x), sigmoid(-x) and log1p(exp(-|x|)) from one exp and one log1p per element:
+    the losses' only transcendentals, shared by the focal and dice terms and their gradients."""
+    e = jnp.exp(-jnp.abs(x))
+    r = 1.0 / (1.0 + e)
+    positive = x >= 0
+    return jnp.where(positive, r, e * r), jnp.where(positive, e * r, r), jnp.log1p(e)
+
+
+def _focal(x: jax.Array, t: jax.Array, p: jax.Array, q: jax.Array, log1p_e: jax.Array,
+           alpha: float, gamma: float) -> jax.Array:
+    """Per-pixel focal loss from `_sigmoid_parts(x)` = (p, q, log1p_e); t broadcasts against x."""
+    # Binary cross-entropy with logits: -t log p - (1 - t) log q = max(x, 0) - x t + log1p(exp(-|x|)).
+    ce = jnp.maximum(x, 0.0) - x * t + log1p_e
+    one_minus_pt = p * (1.0 - t) + q * t
+    # An integral gamma (the paper's 2) as repeated products: a float exponent is exp(gamma log(.)).
+    loss = ce * (one_minus_pt ** int(gamma) if float(gamma).is_integer() else one_minus_pt ** gamma)
+    if alpha >= 0:
+        loss = (alpha * t + (1.0 - alpha) * (1.0 - t)) * loss
+    return loss
+
+
+def _dice(p: jax.Array, t: jax.Array) -> jax.Array:
+    """(M, C) dice loss of probabilities p (M, C, H, W) against t (M, 1, H, W)."""
+    numerator = 2.0 * (p * t).sum(axis=(-2, -1)) + 1.0
+    denominator = p.sum(axis=(-2, -1)) + t.sum(axis=(-2, -1)) + 1.0
+    return 1.0 - numerator / denominator
+
+
 def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25,
                        gamma: float = 2.0) -> jax.Array:
     """(M, C): the focal loss of each candidate mask against its object's target, mean
-    over pixels. Stable for any finite logit: the cross-entropy uses log-sigmoid and the
-    modulating factor 1 - p_t = sigmoid(x) (1 - t) + sigmoid(-x) t (exact for soft
-    targets too), never 1 - sigmoid(x). alpha < 0 disables the alpha weighting."""
+    over pixels. Stable for any finite logit: the cross-entropy is max(x, 0) - x t +
+    log1p(exp(-|x|)) and the modulating factor 1 - p_t = sigmoid(x) (1 - t) + sigmoid(-x) t
+    (exact for soft targets too), never 1 - sigmoid(x). alpha < 0 disables the alpha weighting."""
     _check(logits, targets)
     x = _f32(logits)
     t = _f32(targets)[:, None]
-    ce = -t * jax.nn.log_sigmoid(x) - (1.0 - t) * jax.nn.log_sigmoid(-x)
-    one_minus_pt = jax.nn.sigmoid(x) * (1.0 - t) + jax.nn.sigmoid(-x) * t
-    loss = ce * one_minus_pt**gamma
-    if alpha >= 0:
-        loss = (alpha * t + (1.0 - alpha) * (1.0 - t)) * loss
-    return loss.mean(axis=(-2, -1))
+    p, q, log1p_e = _sigmoid_parts(x)
+    return _focal(x, t, p, q, log1p_e, alpha, gamma).mean(axis=(-2, -1))
 
 
 def dice_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """(M, C): 1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1), p = sigmoid(logits)."""
     _check(logits, targets)
-    p = jax.nn.sigmoid(_f32(logits))
-    t = _f32(targets)[:, None]
-    numerator = 2.0 * (p * t).sum(axis=(-2, -1)) + 1.0
-    denominator = p.sum(axis=(-2, -1)) + t.sum(axis=(-2, -1)) + 1.0
-    return 1.0 - numerator / denominator
+    p, _, _ = _sigmoid_parts(_f32(logits))
+    return _dice(p, _f32(targets)[:, None])
 
 
 def actual_iou(logits: jax.Array, targets: jax.Array, empty_iou: float = 1.0) -> jax.Array:
@@ -137,8 +159,10 @@ def sam_loss(
     targets = jnp.where(valid[:, None, None], _f32(targets), 0.0)
     pred_iou = jnp.where(valid[:, None], _f32(pred_iou), 0.0)
 
-    focal = sigmoid_focal_loss(logits, targets, alpha, gamma)
-    dice = dice_loss(logits, targets)
+    t = targets[:, None]
+    p, q, log1p_e = _sigmoid_parts(logits)  # one pass of transcendentals for both mask losses
+    focal = _focal(logits, t, p, q, log1p_e, alpha, gamma).mean(axis=(-2, -1))
+    dice = _dice(p, t)
     iou = iou_prediction_loss(pred_iou, logits, targets, iou_kind, empty_iou)
 
     combined = jax.lax.stop_gradient(focal_weight * focal + dice_weight * dice)
