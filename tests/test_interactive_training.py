@@ -223,14 +223,16 @@ def test_gradients_reach_encoder_and_decoder_and_no_recompile(tiny):
     assert len(traces) == 1
 
 
-def test_mask_chunks_give_the_same_losses_and_gradients(tiny):
-    """Decoding each image's masks in rematerialised chunks (memory) changes nothing but memory."""
+@pytest.mark.parametrize("variant", [dict(mask_chunks=3), dict(remat=False)])
+def test_mask_chunks_and_remat_give_the_same_losses_and_gradients(tiny, variant):
+    """Decoding each image's masks in rematerialised chunks, or not rematerialising the iterations,
+    changes nothing but memory and time."""
     model, params = tiny
     batch = jax.tree.map(jnp.asarray, _batch())
     keys = jax.random.split(jax.random.PRNGKey(3), 2)
 
-    def loss_and_grads(chunks):
-        config = InteractiveConfig(num_correction_points=2, num_mask_only=1, mask_chunks=chunks)
+    def loss_and_grads(**kw):
+        config = InteractiveConfig(num_correction_points=2, num_mask_only=1, **kw)
 
         def loss_fn(params):
             images = preprocess_padded(batch["image"], batch["image_size"], model.config)
@@ -239,14 +241,14 @@ def test_mask_chunks_give_the_same_losses_and_gradients(tiny):
 
         return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
 
-    (loss, metrics), grads = loss_and_grads(1)
-    (chunked_loss, chunked_metrics), chunked_grads = loss_and_grads(3)
-    np.testing.assert_allclose(chunked_loss, loss, rtol=1e-5)
+    (loss, metrics), grads = loss_and_grads()
+    (variant_loss, variant_metrics), variant_grads = loss_and_grads(**variant)
+    np.testing.assert_allclose(variant_loss, loss, rtol=1e-5)
     for name in metrics:
-        np.testing.assert_allclose(chunked_metrics[name], metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(variant_metrics[name], metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)
     # Summation order differs: gradients that cancel to ~0 differ at fp32 noise of the largest ones.
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads))
-    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(chunked_grads)[0], jax.tree.leaves(grads)):
+    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(variant_grads)[0], jax.tree.leaves(grads)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * scale, err_msg=jax.tree_util.keystr(path))
     with pytest.raises(ValueError, match="mask_chunks=2 must divide the masks per image"):
         config = InteractiveConfig(mask_chunks=2)
