@@ -3,6 +3,8 @@
     python -m experiments.eval --checkpoint workdir/synthetic_cpu/model      # sam_synthetic/cpu validation
     python -m experiments.eval --checkpoint /ckpt/sam_vit_b --dataset coco_instances \\
         --boxes detections.json                                              # boxes from a detector
+    python -m experiments.eval --checkpoint /ckpt/sam_vit_h --dataset coco_instances \\
+        --protocols amg --amg-points-per-side 32 --amg-pred-iou-thresh 0.88  # automatic masks
 
 Point protocol (`sam_jax.evaluation.point_protocol`): per ground-truth mask, the
 first click at the mask's distance-transform maximum (`--first-click random`:
@@ -14,9 +16,19 @@ Box protocol (`sam_jax.evaluation.box_prompts`): every ground-truth box
 (`--boxes gt`) or detection (`--boxes FILE`, COCO results JSON) prompts one
 mask; COCO mask AP through pycocotools.
 
-Both run at each image's original resolution, `--batch-images` images per
-jitted encoder call, data-parallel over all local devices. Writes to
-`--output` (default: `<checkpoint>/../eval/<dataset>-<split>`):
+Automatic masks (`--protocols amg`, `sam_jax.evaluation.automatic_masks`): the
+automatic mask generator on every image (`--amg-*`: grid points per side,
+points per batch, predicted-IoU and stability thresholds, box NMS threshold,
+crop layers; the official defaults), its masks scored against the image's
+ground truth, categories ignored: COCO box and mask AP (scored by predicted
+IoU, every mask counted), recall of the ground-truth masks at mask IoU 0.5
+and 0.75, masks found per image.
+
+`--protocols` defaults to points,boxes. All run at each image's original
+resolution; the point and box protocols `--batch-images` images per jitted
+encoder call, data-parallel over all local devices, the generator one image
+(and crop) at a time. Writes to `--output` (default:
+`<checkpoint>/../eval/<dataset>-<split>`):
 
     results.json        every figure, the settings, and the time taken
     results.md          the same as Markdown tables
@@ -26,6 +38,7 @@ jitted encoder call, data-parallel over all local devices. Writes to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -34,22 +47,26 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from sam_jax.data.pipeline import DEFAULT_DATA_DIR
 from sam_jax.errors import CheckpointError
+from sam_jax.evaluation.automatic_masks import AmgSettings
 from sam_jax.evaluation.point_protocol import FIRST_CLICKS, REPORTED_CLICKS, ProtocolConfig
 
-PROTOCOLS = ("points", "boxes")
+PROTOCOLS = ("points", "boxes", "amg")
+DEFAULT_PROTOCOLS = ("points", "boxes")
 
 
 def evaluate_checkpoint(checkpoint: str, dataset: str, split: str = "validation", data_dir: Optional[str] = None,
-                        num_images: Optional[int] = None, protocols: Sequence[str] = PROTOCOLS,
+                        num_images: Optional[int] = None, protocols: Sequence[str] = DEFAULT_PROTOCOLS,
                         point_config: ProtocolConfig = ProtocolConfig(), boxes: str = "gt",
-                        batch_images: int = 8, progress: bool = True) -> Dict[str, Any]:
+                        batch_images: int = 8, progress: bool = True,
+                        amg_settings: AmgSettings = AmgSettings()) -> Dict[str, Any]:
     """Runs the chosen protocols; returns the results.json content."""
     from tqdm import tqdm
 
+    from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
     from sam_jax.batch_predictor import SamBatchPredictor
     from sam_jax.weights import load_sam
     from sam_jax.data.pipeline import open_source
-    from sam_jax.evaluation import box_prompts, point_protocol
+    from sam_jax.evaluation import automatic_masks, box_prompts, point_protocol
     from sam_jax.evaluation.instances import read_instances
 
     unknown = set(protocols) - set(PROTOCOLS)
@@ -101,6 +118,14 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, split: str = "validation"
                     "is it for another split or data set?"
                 )
             results["boxes"]["detection_images_not_evaluated"] = len(set(detections) - set(evaluated))
+    if "amg" in protocols:
+        start = time.perf_counter()
+        generator = SamAutomaticMaskGenerator(model, params, **amg_settings.generator_options())
+        with tqdm(total=total, desc="automatic masks", unit="image", disable=not progress) as bar:
+            amg = automatic_masks.evaluate_generator(generator, instances(), bar)
+        seconds = time.perf_counter() - start
+        results["amg"] = {"settings": dataclasses.asdict(amg_settings), **amg.summary(),
+                          "seconds": round(seconds, 1), "seconds_per_image": round(seconds / amg.num_images, 3)}
     return results
 
 
@@ -125,6 +150,31 @@ def markdown(results: Dict[str, Any]) -> str:
             "| " + " | ".join(names) + " |",
             "|" + "---|" * len(names),
             "| " + " | ".join(f"{boxes['mask_ap'][n]:.3f}" for n in names) + " |", "",
+        ]
+    amg = results.get("amg")
+    if amg:
+        names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+        settings, per_image = amg["settings"], amg["masks_per_image"]
+        recall = {iou: (f"{v:.3f}" if v >= 0 else "-") for iou, v in amg["recall"].items()}
+        filters = [f"predicted IoU > {settings['pred_iou_thresh']:g}" if settings["pred_iou_thresh"]
+                   else "no predicted-IoU filter",
+                   f"stability >= {settings['stability_score_thresh']:g}" if settings["stability_score_thresh"]
+                   else "no stability filter"]
+        lines += [
+            f"Automatic masks: {settings['points_per_side']}x{settings['points_per_side']} points, "
+            f"{', '.join(filters)}, box NMS {settings['box_nms_thresh']:g}, {settings['crop_n_layers']} crop layers; "
+            f"{amg['num_masks']} masks, categories ignored, {amg['seconds_per_image']:.2f} s an image.", "",
+            "| COCO | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+            "| box AP | " + " | ".join(f"{amg['box_ap'][n]:.3f}" for n in names) + " |",
+            "| mask AP | " + " | ".join(f"{amg['mask_ap'][n]:.3f}" for n in names) + " |", "",
+            "| masks per image (min-max) | ground-truth masks per image | "
+            + " | ".join(f"recall at IoU {iou}" for iou in recall) + " | mean best IoU |",
+            "|---|---|" + "---|" * len(recall) + "---|",
+            f"| {per_image['mean']:.1f} ({per_image['min']}-{per_image['max']}) "
+            f"| {amg['ground_truth_per_image']:.1f} | " + " | ".join(recall.values())
+            + f" | {amg['mean_best_iou']:.3f} |",
+            "",
         ]
     return "\n".join(lines)
 
@@ -170,7 +220,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--split", default="validation")
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"prepared data sets (default {DEFAULT_DATA_DIR})")
     parser.add_argument("--num-images", type=int, help="the first N images of the split (default all)")
-    parser.add_argument("--protocols", default="points,boxes", help="comma-separated subset of points,boxes")
+    parser.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS),
+                        help=f"comma-separated subset of {','.join(PROTOCOLS)} (default {','.join(DEFAULT_PROTOCOLS)})")
     parser.add_argument("--clicks", type=int, default=9, help="clicks per mask (default 9)")
     parser.add_argument("--first-click", choices=FIRST_CLICKS, default="center")
     parser.add_argument("--seed", type=int, default=0, help="for --first-click random")
@@ -178,15 +229,34 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="'gt' (ground-truth boxes) or a COCO results JSON of detections; detections of "
                              "images not evaluated are ignored (and counted)")
     parser.add_argument("--batch-images", type=int, default=8, help="images per encoder call (default 8)")
+    defaults = AmgSettings()
+    amg = parser.add_argument_group("automatic masks (--protocols amg)")
+    amg.add_argument("--amg-points-per-side", type=int, default=defaults.points_per_side,
+                     help=f"grid points per side (default {defaults.points_per_side})")
+    amg.add_argument("--amg-points-per-batch", type=int, default=defaults.points_per_batch,
+                     help=f"points decoded at once (default {defaults.points_per_batch})")
+    amg.add_argument("--amg-pred-iou-thresh", type=float, default=defaults.pred_iou_thresh,
+                     help=f"keep masks with predicted IoU above this, 0 keeps all (default {defaults.pred_iou_thresh})")
+    amg.add_argument("--amg-stability-score-thresh", type=float, default=defaults.stability_score_thresh,
+                     help=f"keep masks at least this stable, 0 keeps all (default {defaults.stability_score_thresh})")
+    amg.add_argument("--amg-box-nms-thresh", type=float, default=defaults.box_nms_thresh,
+                     help=f"box IoU above which duplicates are dropped (default {defaults.box_nms_thresh})")
+    amg.add_argument("--amg-crop-n-layers", type=int, default=defaults.crop_n_layers,
+                     help=f"crop layers besides the whole image (default {defaults.crop_n_layers})")
     parser.add_argument("--output", help="default: <checkpoint>/../eval/<dataset>-<split>")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
         point_config = ProtocolConfig(num_clicks=args.clicks, first_click=args.first_click, seed=args.seed)
+        amg_settings = AmgSettings(
+            points_per_side=args.amg_points_per_side, points_per_batch=args.amg_points_per_batch,
+            pred_iou_thresh=args.amg_pred_iou_thresh, stability_score_thresh=args.amg_stability_score_thresh,
+            box_nms_thresh=args.amg_box_nms_thresh, crop_n_layers=args.amg_crop_n_layers,
+        )
         results = evaluate_checkpoint(
             args.checkpoint, args.dataset, args.split, args.data_dir, args.num_images,
             [p for p in args.protocols.split(",") if p], point_config, args.boxes, args.batch_images,
-            not args.no_progress,
+            not args.no_progress, amg_settings,
         )
     except (ValueError, FileNotFoundError, CheckpointError) as err:
         print(f"eval: error: {err}", file=sys.stderr)

@@ -99,7 +99,7 @@ def _ground_truth_entries(inst: Instances, first_id: int) -> tuple[dict, List[di
     return image, annotations
 
 
-class _GroundTruthBuilder:
+class GroundTruthBuilder:
     """Accumulates images one at a time into a COCO data set dict."""
 
     def __init__(self):
@@ -108,7 +108,8 @@ class _GroundTruthBuilder:
         self.category_ids: set = set()
         self._image_ids: set = set()
 
-    def add(self, inst: Instances) -> None:
+    def add(self, inst: Instances) -> List[dict]:
+        """Adds one image; returns its annotations."""
         if int(inst.image_id) in self._image_ids:
             raise ValueError(f"image_id {inst.image_id} occurs twice")
         self._image_ids.add(int(inst.image_id))
@@ -118,6 +119,7 @@ class _GroundTruthBuilder:
         self.images.append(image)
         self.annotations.extend(annotations)
         self.category_ids.update(int(c) for c in inst.category_ids)
+        return annotations
 
     def dataset(self) -> dict:
         categories = sorted(self.category_ids) or [DEFAULT_CATEGORY]
@@ -131,7 +133,7 @@ class _GroundTruthBuilder:
 def coco_ground_truth(instances: Sequence[Instances]) -> dict:
     """A COCO data set dict of the instances' masks (crowd regions included, as iscrowd=1);
     annotation ids are renumbered 1, 2, ... in order."""
-    builder = _GroundTruthBuilder()
+    builder = GroundTruthBuilder()
     for inst in instances:
         builder.add(inst)
     return builder.dataset()
@@ -262,15 +264,16 @@ def _coco(dataset: dict) -> COCO:
 
 
 def coco_mask_ap(ground_truth: dict, results: List[dict], use_categories: bool,
-                 max_detections: int = COCO_MAX_DETECTIONS) -> Dict[str, float]:
+                 max_detections: int = COCO_MAX_DETECTIONS, iou_type: str = "segm") -> Dict[str, float]:
     """COCOeval(iouType="segm") of results (dicts with image_id, category_id, segmentation,
     area, score) against a COCO data set dict -> STATS, as COCOeval.summarize computes them
-    (which is tied to maxDets 100, so they are read here from eval["precision"])."""
+    (which is tied to maxDets 100, so they are read here from eval["precision"]).
+    iou_type="bbox": box AP instead, of the results' "bbox" (XYWH) against the ground truth's."""
     gt = _coco(ground_truth)
     annotations = [dict(r, id=k + 1) for k, r in enumerate(results)]  # nonzero ids, as loadRes
     dt = _coco({"images": ground_truth["images"], "categories": ground_truth["categories"],
                 "annotations": annotations})
-    evaluator = COCOeval(gt, dt, iouType="segm")
+    evaluator = COCOeval(gt, dt, iouType=iou_type)
     evaluator.params.useCats = int(use_categories)
     evaluator.params.maxDets = [1, 10, int(max_detections)]
     with contextlib.redirect_stdout(io.StringIO()):
@@ -297,7 +300,7 @@ def evaluate_boxes(predictor, instances: Iterable[Instances], detections: Option
     set_images / predict_batch; `progress` (e.g. tqdm) is updated per image."""
     if not isinstance(batch_images, int) or batch_images < 1:
         raise ValueError(f"batch_images must be an int >= 1, got {batch_images!r}")
-    ground_truth = _GroundTruthBuilder()
+    ground_truth = GroundTruthBuilder()
     results: List[dict] = []
     pending: List[_Prompted] = []
     num_images = num_boxes = most_boxes = 0
