@@ -266,3 +266,5 @@ def test_config_errors():
         InteractiveConfig(mask_chunks=0)
     with pytest.raises(ValueError, match="box_probability"):
         dataclasses.replace(InteractiveConfig(), box_probability=2.0)
+    with pytest.raises(ValueError, match="max_masks must be None or >= 1"):
+        InteractiveConfig(max_masks=0)

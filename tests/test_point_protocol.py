@@ -219,3 +219,27 @@ def test_the_ambiguity_ceiling_answers_each_click_with_the_smallest_mask_holding
     assert summary["ceiling_miou"] == pytest.approx((100 / 900 + 2) / 3)
     assert summary["ambiguous_clicks"] == pytest.approx(2 / 3)
     assert summary["by_mask_size"]["10-100%"]["num_masks"] == 1  # 900 / 2400 px
+
+
+def test_the_resolution_ceiling_sees_masks_through_the_low_res_grid():
+    """+-1 logits on the low-res grid, upsampled bilinearly: a block-aligned square loses one pixel
+    at each corner (there the 2x2 weights of its one inside cell are 0.625^2 < 1/2); a 3x3 mask
+    inside one 4x4 block becomes that block without its corners (12 px, 8 of them the mask's;
+    away from the image border, where the upsampling clamps)."""
+    from experiments.ambiguity_ceiling import resolution_iou
+
+    square = np.zeros((64, 64), bool)
+    square[16:32, 32:48] = True  # 4x4 cells of 4x4 pixels
+    assert resolution_iou(square, 64, 16) == pytest.approx(252 / 256)
+    small = np.zeros((64, 64), bool)
+    small[5:8, 5:8] = True  # 9 of block (1, 1)'s 16 pixels: the block votes in
+    assert resolution_iou(small, 64, 16) == pytest.approx(8 / 13)
+    tiny = np.zeros((64, 64), bool)
+    tiny[5:7, 5:7] = True  # 4 of 16: the block votes out, nothing is seen
+    assert resolution_iou(tiny, 64, 16) == 0.0
+    # A 128 x 96 image at image_size 64: the input frame is 64 x 48 (each input pixel 2 x 2 of the image),
+    # the square the aligned one above; the second bilinear stage (frame -> image) rounds each corner
+    # by a 3-pixel triangle (worked out by hand from the two stages' weights).
+    wide = np.zeros((96, 128), bool)
+    wide[32:64, 64:96] = True
+    assert resolution_iou(wide, 64, 16) == pytest.approx((1024 - 4 * 6) / 1024)

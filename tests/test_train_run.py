@@ -194,6 +194,8 @@ def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, synthetic_data_dir, ca
     (["data.preprocess.scale_range=(1, 'a')"], "PreprocessConfig.scale_range must be"),
     (["data.global_batch_size=0"], "data.global_batch_size must be >= 1, got 0"),
     (["parallelism=tpu"], r"parallelism must be one of \('fsdp', 'pmap'\), got 'tpu'"),
+    (["interactive.max_masks=4"], r"interactive.max_masks=4 must be <= data.preprocess.max_masks=3"),
+    (["interactive.mask_chunks=3", "interactive.max_masks=2"], "mask_chunks=3 must divide interactive.max_masks=2"),
 ])
 def test_bad_overrides_are_one_line_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -217,6 +219,9 @@ def test_single_prompt_steps_train_the_first_iteration_then_the_full_loop():
     assert [config.interactive_at(step).num_iterations for step in range(1, 7)] == [1, 1, 1, 4, 4, 4]
     assert config.interactive_at(1).box_probability == config.interactive.box_probability
     assert get_config("synthetic_smoke", ("single_prompt_steps=0",)).interactive_at(1) == config.interactive
+    # interactive.max_masks limits the full loop; single-prompt steps train every mask.
+    limited = get_config("synthetic_smoke", ("interactive.max_masks=1",))
+    assert limited.interactive_at(1).max_masks is None and limited.interactive_at(6).max_masks == 1
 
 
 def test_unprepared_real_data_set_says_how_to_prepare(tmp_path, capsys):

@@ -12,8 +12,10 @@ Dtype = jnp.dtype | type
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, as `torch.nn.GELU()`; jax.nn.gelu defaults to the tanh form."""
-    return jax.nn.gelu(x, approximate=False)
+    """Exact (erf) GELU in `torch.nn.GELU()`'s formula, x (1 + erf(x / sqrt 2)) / 2. jax.nn.gelu
+    defaults to the tanh form, and its exact form goes through erfc, which XLA's CPU backend
+    computes from an exp with two branches, where erf is one rational polynomial."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.5**0.5, x.dtype)))
 
 
 class LayerNorm(nn.Module):

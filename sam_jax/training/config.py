@@ -88,9 +88,11 @@ class TrainConfig:
         return self.optimizer.total_steps
 
     def interactive_at(self, step: int) -> InteractiveConfig:
-        """The interactive loop that step `step` (1-based) trains."""
+        """The interactive loop that step `step` (1-based) trains: a single-prompt step trains
+        the loop's first iteration on every mask the pipeline gives (`interactive.max_masks`
+        limits the full loop only)."""
         if step <= self.single_prompt_steps:
-            return dataclasses.replace(self.interactive, num_correction_points=0, num_mask_only=0)
+            return dataclasses.replace(self.interactive, num_correction_points=0, num_mask_only=0, max_masks=None)
         return self.interactive
 
     def __post_init__(self):
@@ -110,9 +112,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
-        if self.data.preprocess.max_masks % self.interactive.mask_chunks:
-            raise ValueError(f"interactive.mask_chunks={self.interactive.mask_chunks} must divide "
-                             f"data.preprocess.max_masks={self.data.preprocess.max_masks}")
+        masks = self.data.preprocess.max_masks
+        loop_masks = masks if self.interactive.max_masks is None else self.interactive.max_masks
+        if loop_masks > masks:
+            raise ValueError(f"interactive.max_masks={loop_masks} must be <= data.preprocess.max_masks={masks}")
+        for name, count in (("data.preprocess.max_masks", masks), ("interactive.max_masks", loop_masks)):
+            if count % self.interactive.mask_chunks:
+                raise ValueError(f"interactive.mask_chunks={self.interactive.mask_chunks} must divide {name}={count}")
 
 
 # ----------------------------------------------------------------------------- overrides

@@ -71,6 +71,12 @@ class InteractiveConfig:
     # Rematerialise each iteration (and each chunk) in the backward pass: memory then holds one
     # iteration's activations instead of all of them, for one more forward pass of the decoder.
     remat: bool = True
+    # Masks per image the loop trains: the first max_masks of those the input pipeline sampled
+    # (a uniform random subset), None: all of them. The decoder's cost is per mask and per
+    # iteration, the encoder's per image: a full loop on fewer masks than the pipeline gives
+    # lets single-prompt steps (`TrainConfig.single_prompt_steps`, which train every mask)
+    # learn from more masks at little cost.
+    max_masks: Optional[int] = None
 
     def __post_init__(self):
         if self.mask_chunks < 1:
@@ -80,6 +86,8 @@ class InteractiveConfig:
                 f"num_correction_points and num_mask_only must be >= 0, got "
                 f"{self.num_correction_points}, {self.num_mask_only}"
             )
+        if self.max_masks is not None and self.max_masks < 1:
+            raise ValueError(f"max_masks must be None or >= 1, got {self.max_masks}")
         if not 0.0 <= self.box_probability <= 1.0:
             raise ValueError(f"box_probability must be in [0, 1], got {self.box_probability}")
 
@@ -90,6 +98,17 @@ class InteractiveConfig:
     @property
     def num_point_slots(self) -> int:
         return self.num_correction_points + 3
+
+
+# Batch entries with one row per mask (axis 1), as the input pipeline yields them.
+PER_MASK_KEYS = ("masks", "masks_low_res", "boxes", "points", "point_valid", "mask_valid")
+
+
+def masks_for_loop(batch: Dict[str, jax.Array], config: InteractiveConfig) -> Dict[str, jax.Array]:
+    """The batch with only the masks the loop trains: the first `config.max_masks` per image."""
+    if config.max_masks is None:
+        return batch
+    return {key: value[:, :config.max_masks] if key in PER_MASK_KEYS else value for key, value in batch.items()}
 
 
 def correction_schedule(mask_keys: jax.Array, config: InteractiveConfig) -> jax.Array:

@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sam_jax.configs import SamConfig
 from sam_jax.modeling import Sam, preprocess_padded
-from sam_jax.training.interactive import InteractiveConfig, interactive_loss, make_decode
+from sam_jax.training.interactive import InteractiveConfig, interactive_loss, make_decode, masks_for_loop
 from sam_jax.training.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 
 
@@ -97,6 +97,7 @@ def make_train_step(
     learning_rate = learning_rate_schedule(optimizer_config)
 
     def step(state: TrainState, batch: Dict[str, jax.Array]):
+        batch = masks_for_loop(batch, interactive)
         b = batch["image"].shape[0]
         first = 0 if axis_name is None else jax.lax.axis_index(axis_name) * b
         step_key = jax.random.fold_in(state.rng, state.step)
