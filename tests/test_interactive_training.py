@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from sam_jax.configs import get_config
 from sam_jax.modeling import Sam, preprocess_padded
+from test_train_step import micro_config
 from sam_jax.modeling.prompt_encoder import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, FOREGROUND, PADDING
 from sam_jax.training import prompt_sampling
 from sam_jax.training.interactive import InteractiveConfig, correction_schedule, initial_prompts, interactive_loss, make_decode
@@ -81,7 +81,9 @@ def test_schedule_is_the_papers():
 
 @pytest.fixture(scope="module")
 def tiny():
-    config = get_config("vit_tiny")
+    """test_train_step's micro model (vit_tiny at 128 px, 2 blocks, 1 decoder layer): these tests
+    compile the whole loop, and what they check does not depend on the model's size."""
+    config = micro_config()
     model = Sam(config)
     n = config.encoder.image_size
     low = config.low_res_mask_size
@@ -136,14 +138,14 @@ def test_initial_prompts_fill_the_buffer():
     assert (x >= 8).all() and (x < 40).all() and (y >= 16).all() and (y < 48).all()
 
 
-def _batch(b=2, m=3, t=256, low=64, seed=0):
+def _batch(b=2, m=3, t=128, low=32, seed=0):
     rng = np.random.default_rng(seed)
     masks = np.zeros((b, m, t, t), bool)
     boxes = np.zeros((b, m, 4), np.float32)
     for i in range(b):
         for j in range(m):
-            x0, y0 = rng.integers(0, t - 80, 2)
-            w, h = rng.integers(20, 80, 2)
+            x0, y0 = rng.integers(0, t - 40, 2)
+            w, h = rng.integers(10, 40, 2)
             masks[i, j, y0 : y0 + h, x0 : x0 + w] = True
             boxes[i, j] = (x0, y0, x0 + w, y0 + h)
     low_res = masks.reshape(b, m, low, t // low, low, t // low).mean(axis=(3, 5)) >= 0.5
@@ -159,7 +161,7 @@ def _batch(b=2, m=3, t=256, low=64, seed=0):
 def test_every_correction_lies_in_the_previous_error_region():
     """Run the loop eagerly with a stand-in decoder and check each added point against what it was shown."""
     config = InteractiveConfig()
-    batch = jax.tree.map(jnp.asarray, _batch())
+    batch = jax.tree.map(jnp.asarray, _batch(t=256, low=64))
     seen = []
 
     def decode(embeddings, coords, labels, mask_inputs, multimask):
@@ -211,7 +213,7 @@ def test_gradients_reach_encoder_and_decoder_and_no_recompile(tiny):
         def loss_fn(params):
             images = preprocess_padded(batch["image"], batch["image_size"], model.config)
             embeddings = model.apply({"params": params}, images, method=Sam.encode_image)
-            return interactive_loss(make_decode(model, params), embeddings, batch, key, config, 256)
+            return interactive_loss(make_decode(model, params), embeddings, batch, key, config, 128)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -237,7 +239,7 @@ def test_mask_chunks_and_remat_give_the_same_losses_and_gradients(tiny, variant)
         def loss_fn(params):
             images = preprocess_padded(batch["image"], batch["image_size"], model.config)
             embeddings = model.apply({"params": params}, images, method=Sam.encode_image)
-            return interactive_loss(make_decode(model, params), embeddings, batch, keys, config, 256)
+            return interactive_loss(make_decode(model, params), embeddings, batch, keys, config, 128)
 
         return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
 
@@ -252,7 +254,7 @@ def test_mask_chunks_and_remat_give_the_same_losses_and_gradients(tiny, variant)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * scale, err_msg=jax.tree_util.keystr(path))
     with pytest.raises(ValueError, match="mask_chunks=2 must divide the masks per image"):
         config = InteractiveConfig(mask_chunks=2)
-        interactive_loss(make_decode(model, params), jnp.zeros((2, 16, 16, 256)), batch, keys, config, 256)
+        interactive_loss(make_decode(model, params), jnp.zeros((2, 8, 8, 256)), batch, keys, config, 128)
 
 
 def optax_global_norm(tree):

@@ -79,11 +79,23 @@ def test_image_embedding(pipeline):
     assert error < 1e-5
 
 
+# vit_l and vit_h share vit_b's decoder (the same config and code): every prompt combination runs on
+# vit_tiny and vit_b, and the fullest one (points + box + a fed-back mask) on every released size.
+@pytest.mark.parametrize("pipeline", ["vit_tiny", "vit_b"], indirect=True, scope="module")
 @pytest.mark.parametrize("multimask", [True, False], ids=["multimask", "single"])
 @pytest.mark.parametrize("with_mask", [False, True], ids=["no-mask", "mask"])
 @pytest.mark.parametrize("prompt", ["points", "box", "points+box"])
-@torch.no_grad()
 def test_masks_and_iou(pipeline, prompt, with_mask, multimask):
+    check_masks_and_iou(pipeline, prompt, with_mask, multimask)
+
+
+@pytest.mark.parametrize("pipeline", SIZES[2:], indirect=True, scope="module")
+def test_masks_and_iou_from_the_larger_encoders(pipeline):
+    check_masks_and_iou(pipeline, "points+box", True, True)
+
+
+@torch.no_grad()
+def check_masks_and_iou(pipeline, prompt, with_mask, multimask):
     p, rng = pipeline, pipeline["rng"]
     ref, (h, w) = p["ref"], p["input_size"]
     n = 4  # prompts on this image
