@@ -12,6 +12,11 @@ thread count for both:
               the default 32x32 grid (encoder included), with the default
               thresholds and with thresholds at 0 (every mask survives to NMS
               and RLE: random weights rarely pass the defaults).
+With `--decoder-chunks 1,2,4,8,16,64` the decoder part also times the 64
+boxes' decoder alone (low-res masks, no upsampling) at each number of
+prompts per CPU chunk (`inference.decode_in_chunks`), beside the size the
+library picks on this host (`inference.decoder_chunk`): how a host's caches
+move the best chunk.
 Every timing is a median over `--repeats` runs after a warm-up run (which
 includes JAX compilation, reported separately). The FLOP floor is the
 encoder's FLOPs over the fp32 matmul rate measured in this run. Writes JSON
@@ -124,7 +129,7 @@ def bench_encoder(result, config, model, params, reference, repeats):
         entry["torch_images_per_s"] = batch / entry["torch"]["median_s"]
 
 
-def bench_decoder(result, model, params, reference, repeats):
+def bench_decoder(result, model, params, reference, repeats, chunks=()):
     import torch
 
     from sam_jax.predictor import SamPredictor
@@ -153,6 +158,24 @@ def bench_decoder(result, model, params, reference, repeats):
         compare(result, "decoder_64_prompts",
                 lambda: ours.predict_batch(boxes=boxes, multimask_output=True), official_64, repeats)
     result["decoder_64_prompts"]["masks_shape"] = [64, 3, h, w]
+    if chunks:
+        sweep_decoder_chunks(result, model, params, ours, boxes, chunks, repeats)
+
+
+def sweep_decoder_chunks(result, model, params, predictor, boxes, chunks, repeats):
+    """Times the decoder alone on the 64 boxes at each chunk size (low-res logits out)."""
+    from sam_jax.modeling import inference
+    from sam_jax.prompts import to_input_frame
+
+    padded = to_input_frame(predictor.transform, predictor.original_size, None, None, boxes, None, len(boxes), 1)
+    sweep = {"default_chunk": inference.decoder_chunk(model.config, len(boxes)), "median_s": {}}
+    for chunk in chunks:
+        decode = jax.jit(lambda p, e, b, c=chunk: inference.decode_in_chunks(model, p, e, boxes=b, chunk=c))
+        run = lambda: jax.block_until_ready(decode(params, predictor.features, padded[2]))
+        run()
+        sweep["median_s"][str(chunk)] = timed(run, repeats)["median_s"]
+        print(f"decoder alone, 64 boxes, chunk {chunk}: {sweep['median_s'][str(chunk)]:.3f} s", flush=True)
+    result["decoder_64_prompts_by_chunk"] = sweep
 
 
 def bench_amg(result, model, params, reference, repeats):
@@ -180,11 +203,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--model-type", default="vit_b", choices=sorted(CONFIGS))
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decoder-chunks", default="",
+                        help="comma-separated prompts per CPU chunk to time the 64-box decoder at (e.g. 1,2,4,8)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
     if not set(parts) <= set(PARTS):
         parser.error(f"--parts must be a subset of {PARTS}; got {args.parts!r}")
+    try:
+        chunks = [int(c) for c in args.decoder_chunks.split(",") if c.strip()]
+    except ValueError:
+        parser.error(f"--decoder-chunks must be comma-separated integers; got {args.decoder_chunks!r}")
+    if any(c < 1 for c in chunks) or (chunks and "decoder" not in parts):
+        parser.error(f"--decoder-chunks takes positive sizes and needs the decoder part; got {args.decoder_chunks!r}"
+                     f" with --parts {args.parts}")
 
     import torch
 
@@ -207,7 +239,7 @@ def main(argv=None) -> dict:
     output = args.output or Path("workdir/benchmarks") / f"inference_{args.model_type}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     benches = {"encoder": lambda: bench_encoder(result, config, model, params, reference, args.repeats),
-               "decoder": lambda: bench_decoder(result, model, params, reference, args.repeats),
+               "decoder": lambda: bench_decoder(result, model, params, reference, args.repeats, chunks),
                "amg": lambda: bench_amg(result, model, params, reference, args.repeats)}
     for part in parts:
         benches[part]()
