@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,9 @@ class SamConfig:
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     mask_threshold: float = 0.0
+    # Size of the CLIP embeddings a text-prompt head projects to a sparse token (the
+    # paper's section 7.5); None: no text head, as in the released models.
+    text_embed_dim: Optional[int] = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not isinstance(self.encoder, ImageEncoderConfig):
@@ -87,11 +90,18 @@ class SamConfig:
             raise ValueError(f"pixel_std must be positive; got {self.pixel_std!r}")
         if not (isinstance(self.mask_threshold, numbers.Real) and math.isfinite(self.mask_threshold)):
             raise ValueError(f"mask_threshold must be a finite number; got {self.mask_threshold!r}")
+        if self.text_embed_dim is not None:
+            _require_ints(self, ("text_embed_dim",))
         if self.encoder.out_chans != self.prompt_embed_dim:
             raise ValueError(
                 f"encoder out_chans ({self.encoder.out_chans}) must equal prompt_embed_dim "
                 f"({self.prompt_embed_dim}): the decoder adds prompt and image embeddings"
             )
+
+    @property
+    def has_text_prompts(self) -> bool:
+        """Whether the model takes CLIP embeddings as prompts (a text-prompt head)."""
+        return self.text_embed_dim is not None
 
     @property
     def image_size(self) -> int:

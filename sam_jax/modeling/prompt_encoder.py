@@ -3,6 +3,9 @@
 Sparse prompts (points, box corners) become random-Fourier positional
 encodings plus a learned type embedding; a dense mask prompt is downscaled 4x
 by two strided convs to the embedding grid, or replaced by `no_mask_embed`.
+With a text-prompt head (`text_embed_dim`, the paper's section 7.5) a CLIP
+embedding becomes one more sparse token by a learned linear projection, placed
+first; the head is absent from the released models' params.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class PromptEncoder(nn.Module):
     image_embedding_size: tuple[int, int]  # (h, w) of the image embedding
     input_image_size: tuple[int, int]  # (H, W) of the padded encoder input
     mask_in_chans: int
+    text_embed_dim: Optional[int] = None  # CLIP embedding size; None: no text-prompt head
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -93,6 +97,8 @@ class PromptEncoder(nn.Module):
         self.mask_downscaling_3 = PatchConv(c, 2, **kw)
         self.mask_downscaling_4 = LayerNorm(**kw)
         self.mask_downscaling_6 = PatchConv(self.embed_dim, 1, **kw)
+        if self.text_embed_dim is not None:
+            self.text_projection = nn.Dense(self.embed_dim, param_dtype=self.param_dtype)
 
     def get_dense_pe(self) -> jax.Array:
         """(1, h, w, embed_dim) positional encoding of the image embedding grid."""
@@ -123,6 +129,10 @@ class PromptEncoder(nn.Module):
         )
         return emb + corner_types
 
+    def embed_text(self, embeddings: jax.Array) -> jax.Array:
+        """(B, E) CLIP embeddings (L2-normalised text or image embeddings) -> (B, 1, D) tokens."""
+        return self.text_projection(embeddings.astype(jnp.float32))[:, None]
+
     def embed_masks(self, masks: jax.Array) -> jax.Array:
         """(B, 1, 4h, 4w) mask logits -> (B, h, w, D)."""
         x = masks.reshape(masks.shape[0], *masks.shape[2:], 1).astype(self.dtype)
@@ -135,6 +145,7 @@ class PromptEncoder(nn.Module):
         points: Optional[tuple[jax.Array, jax.Array]],
         boxes: Optional[jax.Array],
         masks: Optional[jax.Array],
+        text: Optional[jax.Array] = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Embeds prompts.
 
@@ -142,13 +153,18 @@ class PromptEncoder(nn.Module):
           points: (coords (B, N, 2) as (x, y) in input-frame pixels, labels (B, N)).
           boxes: (B, 4) XYXY in input-frame pixels.
           masks: (B, 1, 4h, 4w) mask logits.
+          text: (B, E) CLIP embeddings (needs the text-prompt head).
         Returns:
-          sparse (B, N', D), with a padding point appended when there is no box;
-          dense (B, h, w, D).
+          sparse (B, N', D): the text token if any, the points with a padding point
+          appended when there is no box, the box corners; dense (B, h, w, D).
         """
-        # Read before branching so that init creates it whatever the prompts.
+        # Read before branching so that init creates them whatever the prompts.
         no_mask = self.no_mask_embed.embedding[0]
-        if points is not None:
+        if self.text_embed_dim is not None and self.is_initializing() and text is None:
+            self.embed_text(jnp.zeros((1, self.text_embed_dim), jnp.float32))
+        if text is not None:
+            bs = text.shape[0]
+        elif points is not None:
             bs = points[0].shape[0]
         elif boxes is not None:
             bs = boxes.shape[0]
@@ -157,6 +173,8 @@ class PromptEncoder(nn.Module):
         else:
             bs = 1
         sparse = [jnp.zeros((bs, 0, self.embed_dim), jnp.float32)]
+        if text is not None:
+            sparse.append(self.embed_text(text))
         if points is not None:
             sparse.append(self.embed_points(points[0], points[1], pad=boxes is None))
         if boxes is not None:

@@ -49,6 +49,7 @@ class Sam(nn.Module):
             image_embedding_size=(cfg.embedding_size, cfg.embedding_size),
             input_image_size=(cfg.image_size, cfg.image_size),
             mask_in_chans=cfg.mask_in_chans,
+            text_embed_dim=cfg.text_embed_dim,
             **kw,
         )
         self.mask_decoder = MaskDecoder(
@@ -80,6 +81,7 @@ class Sam(nn.Module):
         boxes: Optional[jax.Array] = None,
         mask_inputs: Optional[jax.Array] = None,
         multimask_output: bool = True,
+        text_embeddings: Optional[jax.Array] = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Predicts low-res mask logits for B prompts on one image (or B images).
 
@@ -91,25 +93,29 @@ class Sam(nn.Module):
           boxes: (B, 4) XYXY in the encoder input frame.
           mask_inputs: (B, 1, 4h, 4w) mask logits from an earlier prediction.
           multimask_output: static; 3 masks if True, else the single-mask token.
+          text_embeddings: (B, E) CLIP embeddings, the first prompt token (a model
+            with a text-prompt head, `config.text_embed_dim` = E).
         Returns:
           low_res_logits (B, C, 4h, 4w) and iou_predictions (B, C).
         """
-        self._check_prompts(image_embeddings, point_coords, point_labels, boxes, mask_inputs)
+        self._check_prompts(image_embeddings, point_coords, point_labels, boxes, mask_inputs, text_embeddings)
         points = None if point_coords is None else (point_coords, point_labels)
-        sparse, dense = self.prompt_encoder(points, boxes, mask_inputs)
+        sparse, dense = self.prompt_encoder(points, boxes, mask_inputs, text_embeddings)
         if mask_inputs is None:
             # Every row is `no_mask_embed`: with one image, the decoder's first layer then
             # does its image-side work once for all prompts.
             dense = dense[:1]
         sparse_mask = None
-        if points is not None:  # tokens: points, the official pad point if no box, box corners
+        if points is not None:  # tokens: text if any, points, the official pad point if no box, box corners
             labels = jnp.asarray(point_labels)
-            valid = jnp.ones((sparse.shape[0], sparse.shape[1] - labels.shape[1]), bool)
+            b = sparse.shape[0]
+            text = jnp.ones((b, 0 if text_embeddings is None else 1), bool)
+            after = jnp.ones((b, sparse.shape[1] - text.shape[1] - labels.shape[1]), bool)
             if boxes is None:
                 # Box corners given as points (labels 2 / 3) are a box: officially no pad point then.
                 corners = (labels == BOX_TOP_LEFT) | (labels == BOX_BOTTOM_RIGHT)
-                valid = valid & ~jnp.any(corners, axis=1, keepdims=True)
-            sparse_mask = jnp.concatenate([labels != PADDING, valid], 1)
+                after = after & ~jnp.any(corners, axis=1, keepdims=True)
+            sparse_mask = jnp.concatenate([text, labels != PADDING, after], 1)
         return self.mask_decoder(
             image_embeddings,
             self.prompt_encoder.get_dense_pe(),
@@ -119,13 +125,21 @@ class Sam(nn.Module):
             sparse_mask,
         )
 
-    def _check_prompts(self, image_embeddings, point_coords, point_labels, boxes, mask_inputs):
+    def _check_prompts(self, image_embeddings, point_coords, point_labels, boxes, mask_inputs, text_embeddings):
         """Raises ValueError naming the argument whose shape is wrong (shapes are static)."""
         cfg = self.config
         e, m = cfg.embedding_size, cfg.low_res_mask_size
         if (point_coords is None) != (point_labels is None):
             raise ValueError("point_coords and point_labels must be given together")
         batch = {}
+        if text_embeddings is not None:
+            if not cfg.has_text_prompts:
+                raise ValueError(f"text_embeddings given, but model {cfg.name!r} has no text-prompt head "
+                                 "(config.text_embed_dim is None): it was not trained with text prompts")
+            if text_embeddings.ndim != 2 or text_embeddings.shape[1] != cfg.text_embed_dim:
+                raise ValueError(f"text_embeddings must be (B, {cfg.text_embed_dim}) CLIP embeddings; "
+                                 f"got shape {text_embeddings.shape}")
+            batch["text_embeddings"] = text_embeddings.shape[0]
         if point_coords is not None:
             if point_coords.ndim != 3 or point_coords.shape[-1] != 2:
                 raise ValueError(f"point_coords must be (B, N, 2); got shape {point_coords.shape}")
@@ -156,12 +170,13 @@ class Sam(nn.Module):
             )
 
     def __call__(self, images, point_coords=None, point_labels=None, boxes=None,
-                 mask_inputs=None, multimask_output: bool = True, deterministic: bool = True):
+                 mask_inputs=None, multimask_output: bool = True, deterministic: bool = True,
+                 text_embeddings=None):
         """Encodes one preprocessed image (1, S, S, 3) and decodes B prompts on it;
         `deterministic`: see `encode_image`."""
         return self.decode(
             self.encode_image(images, deterministic), point_coords, point_labels, boxes, mask_inputs,
-            multimask_output,
+            multimask_output, text_embeddings,
         )
 
 
