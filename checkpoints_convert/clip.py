@@ -1,5 +1,13 @@
 """open_clip and Hugging Face CLIP state dicts -> `sam_jax.clip.model.CLIP` Flax params. No torch.
 
+Command line: a CLIP checkpoint file (or Hugging Face model folder) -> a sam_jax CLIP checkpoint
+folder (`sam_jax.clip.save_clip`), the text encoder of SAM's text prompts:
+
+    python -m checkpoints_convert.clip open_clip_pytorch_model.bin converted/clip_l14_336
+    python -m checkpoints_convert.clip path/to/openai-clip-vit-large-patch14-336/ converted/clip --config vit_l14_336
+
+(also `sam-jax convert-clip`). Without --config the checkpoint's shapes must be a registered config's.
+
 The Flax modules are named after open_clip's state dict, so an open_clip key is a fixed rename of a
 Flax param path and the value is copied or transposed:
 
@@ -24,13 +32,18 @@ not in the weights: they come from the config.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import sys
+import time
+from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import jax
 import numpy as np
 
+from checkpoints_convert.convert import command_main, resolve_weights_file
 from checkpoints_convert.official import to_flax_array, to_torch_array  # Linear transposed, conv1 to HWIO
 from checkpoints_convert.pth_reader import load_state_dict
 from sam_jax.clip.configs import CLIP_CONFIGS, ClipConfig, ClipTextConfig, ClipVisionConfig, get_clip_config
@@ -397,3 +410,51 @@ def load_clip_checkpoint(path: Union[str, os.PathLike], config: Optional[Union[C
         raise CheckpointError(f"{source}: {err}") from None
     convert = huggingface_clip_to_flax if layout == HUGGINGFACE else open_clip_to_flax
     return config, convert(state_dict, config, source)
+
+
+# --- command line -------------------------------------------------------------------------------
+
+DESCRIPTION = ("Converts open_clip or Hugging Face CLIP weights (.pth / .pt / .bin / .safetensors, or a Hugging "
+               "Face model folder) into a new sam_jax CLIP checkpoint folder, the text encoder of text prompts. "
+               "The config is read off the tensor shapes (or given with --config); the folder appears only "
+               "when conversion succeeded. No torch needed.")
+
+
+def convert_clip_checkpoint(source: Union[str, os.PathLike], output: Union[str, os.PathLike],
+                            config: Optional[Union[ClipConfig, str]] = None) -> ClipConfig:
+    """Converts the CLIP checkpoint `source` into a new sam_jax CLIP checkpoint folder `output`
+    (`sam_jax.clip.checkpoint.save_clip`); returns its config."""
+    from sam_jax.clip.checkpoint import save_clip
+
+    source, output = Path(source), Path(output)
+    if output.exists():
+        raise CheckpointError(f"{output} already exists; choose a new output directory")
+    weights_file = resolve_weights_file(source)
+    config, params = load_clip_checkpoint(weights_file, config)
+    save_clip(output, params, config, source=f"clip:{weights_file.name}")
+    return config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's arguments (this module's `main` and `sam-jax convert-clip` share them)."""
+    parser.add_argument("source", help="open_clip or HF CLIP .pth/.pt/.bin/.safetensors, or an HF model directory")
+    parser.add_argument("output", help="new directory for the converted CLIP checkpoint")
+    parser.add_argument("--config", choices=sorted(CLIP_CONFIGS),
+                        help="the CLIP config (default: the registered one of the checkpoint's shapes)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Converts as `args` say and prints one line; errors propagate (CheckpointError, OSError)."""
+    start = time.perf_counter()
+    config = convert_clip_checkpoint(args.source, args.output, args.config)
+    print(f"converted {args.source} (CLIP {config.name}, embed_dim {config.embed_dim}) -> {args.output} "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return command_main("python -m checkpoints_convert.clip", DESCRIPTION, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

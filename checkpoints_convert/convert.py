@@ -93,15 +93,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m checkpoints_convert.convert", description=DESCRIPTION)
-    add_arguments(parser)
+def command_main(prog: str, description: str, add_args, run_args, argv: Optional[list[str]] = None) -> int:
+    """A converter command: parse, run, and one `error:` line with exit status 2 for a bad checkpoint
+    or an unwritable output."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_args(parser)
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        return run_args(args)
     except (CheckpointError, OSError) as err:  # FileExistsError, a full disk, an unwritable folder
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return command_main("python -m checkpoints_convert.convert", DESCRIPTION, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,15 @@ the device that holds them.
 
 The batch is padded with blank images up to a multiple of the device count;
 their results are dropped. Results equal `SamPredictor`'s image by image.
+
+Text prompts: with a `text_encoder` (see `SamPredictor`), an image's prompts
+may hold "text", one phrase per prompt; every image's phrases are embedded in
+one call (on each process, its own images' phrases).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -24,16 +28,25 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sam_jax.modeling import Sam, decode_batch, encode_images, upsample_masks
-from sam_jax.prompts import bucket, check_prompts, prompt_counts, to_input_frame
+from sam_jax.predictor import check_text_encoder, require_text_prompts
+from sam_jax.prompts import bucket, check_prompts, pad_text, prompt_counts, to_input_frame
 from sam_jax.utils.transforms import ResizeLongestSide, to_input_batch
 
+if TYPE_CHECKING:
+    from sam_jax.clip.text_encoder import ClipTextEncoder
+
 DATA_AXIS = "data"
+PROMPT_KEYS = ("point_coords", "point_labels", "boxes", "mask_input", "text")
 
 
 class SamBatchPredictor:
-    def __init__(self, model: Sam, params: Any, devices: Optional[Sequence[jax.Device]] = None):
+    def __init__(self, model: Sam, params: Any, devices: Optional[Sequence[jax.Device]] = None,
+                 text_encoder: Optional["ClipTextEncoder"] = None):
         """`model, params = sam_jax.load_sam(path)`. `devices`: the mesh, default all
-        devices of all processes; params are replicated on each."""
+        devices of all processes; params are replicated on each. `text_encoder`: for
+        text prompts, as `SamPredictor`'s."""
+        check_text_encoder(model.config, text_encoder)
+        self.text_encoder = text_encoder
         self.model = model
         self.mesh = Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
         self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
@@ -72,7 +85,8 @@ class SamBatchPredictor:
           prompts: one dict per set image, with `SamPredictor.predict_batch`'s
             arguments in that image's original frame: point_coords (P_i, N_i, 2)
             with point_labels (P_i, N_i), boxes (P_i, 4), mask_input
-            (P_i, 1, 256, 256). Every image must give the same kinds of prompt.
+            (P_i, 1, 256, 256), text (P_i phrases). Every image must give the
+            same kinds of prompt.
         Returns:
           per image: masks (P_i, C, H_i, W_i) (logits if return_logits), IoU
           predictions (P_i, C) and low-res logits (P_i, C, 256, 256).
@@ -81,26 +95,33 @@ class SamBatchPredictor:
             raise RuntimeError("Images must be set with .set_images(...) before mask prediction.")
         if len(prompts) != self.num_images:
             raise ValueError(f"got prompts for {len(prompts)} images; {self.num_images} are set")
-        checked = []
+        checked, texts = [], []
         for i, p in enumerate(prompts):
-            unknown = set(p) - {"point_coords", "point_labels", "boxes", "mask_input"}
+            unknown = set(p) - set(PROMPT_KEYS)
             if unknown:
                 raise ValueError(f"image {i}: unknown prompt keys {sorted(unknown)}")
             try:
+                text = p.get("text")
+                if text is not None:
+                    require_text_prompts(self.model.config, self.text_encoder)
+                    text = self.text_encoder.tokenize(text)  # (P_i, L) token ids
+                texts.append(text)
                 checked.append(check_prompts(
                     self.model.config, p.get("point_coords"), p.get("point_labels"),
-                    p.get("boxes"), p.get("mask_input"),
+                    p.get("boxes"), p.get("mask_input"), None if text is None else len(text),
                 ))
             except ValueError as e:
                 raise ValueError(f"image {i}: {e}") from None
-        kinds = {tuple(x is not None for x in c) for c in checked}
+        kinds = {(*(x is not None for x in c), t is not None) for c, t in zip(checked, texts)}
         if len(kinds) > 1:
-            raise ValueError("every image must give the same kinds of prompt (points, boxes, masks)")
-        counts = np.array([prompt_counts(*c) for c in checked])
+            raise ValueError("every image must give the same kinds of prompt (points, boxes, masks, text)")
+        counts = np.array([prompt_counts(*c, num_texts=None if t is None else len(t))
+                           for c, t in zip(checked, texts)])
         num_prompts, num_points = (bucket(int(n)) for n in self._global_max(counts.max(0)))
+        embeddings = self._embed_texts(texts)
         padded = [
-            to_input_frame(self.transform, size, *c, num_prompts, num_points)
-            for c, size in zip(checked, self.original_sizes)
+            (*to_input_frame(self.transform, size, *c, num_prompts, num_points), pad_text(e, num_prompts))
+            for c, e, size in zip(checked, embeddings, self.original_sizes)
         ]
         local_batch = self.features.shape[0] // jax.process_count()
         stacked = []
@@ -111,15 +132,28 @@ class SamBatchPredictor:
             x = np.zeros((local_batch, *first.shape), first.dtype)
             x[: len(padded)] = [p[k] for p in padded]
             stacked.append(self._shard(x))
-        coords, labels, boxes, masks = stacked
+        coords, labels, boxes, masks, text = stacked
         low_res, iou = decode_batch(
-            self.model, self.params, self.features, coords, labels, boxes, masks, bool(multimask_output),
+            self.model, self.params, self.features, coords, labels, boxes, masks, bool(multimask_output), text,
         )
         return [
             self._finish(low_res_i, iou_i, i, int(counts[i, 0]), return_logits)
             for i, (low_res_i, iou_i) in enumerate(zip(_local_rows(low_res), _local_rows(iou)))
             if i < self.num_images
         ]
+
+    def _embed_texts(self, tokens: list[Optional[np.ndarray]]) -> list[Optional[np.ndarray]]:
+        """Per image, the (P_i, E) embeddings of its (P_i, L) phrase tokens (None where none):
+        one encoder call for all images."""
+        given = [t for t in tokens if t is not None]
+        if not given:
+            return [None] * len(tokens)
+        flat = self.text_encoder.embed_tokens(np.concatenate(given))
+        out, start = [], 0
+        for t in tokens:
+            out.append(None if t is None else flat[start:start + len(t)])
+            start += 0 if t is None else len(t)
+        return out
 
     def _finish(self, low_res, iou, i, num_prompts, return_logits):
         """One image's padded device outputs -> numpy results at its original size."""

@@ -10,26 +10,41 @@ prompts are dropped), so an interactive session that adds clicks one by one
 compiles log2(clicks) times, not once per click; also once per (box or not,
 mask or not, multimask or not), whatever the image size. The upsampling of the
 masks to the image compiles once per image size.
+
+Text prompts (the paper's section 7.5) need a model with a text-prompt head
+(`config.text_embed_dim`, a checkpoint trained with them) and a
+`sam_jax.clip.ClipTextEncoder` of that embedding size:
+`SamPredictor(model, params, text_encoder)`, then `predict(text="a wheel")`,
+alone or with points, a box or a mask input (e.g. a corrective click after the
+text), or `predict_batch(text=[...])`, one phrase per prompt.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sam_jax.modeling import Sam, decode_prompts, encode_images
-from sam_jax.prompts import bucket, check_prompts, prompt_counts, to_input_frame
+from sam_jax.prompts import bucket, check_prompts, pad_text, prompt_counts, to_input_frame
 from sam_jax.utils.transforms import ResizeLongestSide, as_rgb, pad_to_square
+
+if TYPE_CHECKING:
+    from sam_jax.clip.text_encoder import ClipTextEncoder
 
 
 class SamPredictor:
-    def __init__(self, model: Sam, params: Any) -> None:
-        """`model, params = sam_jax.load_sam(path)`; `SamPredictor(model, params)`."""
+    def __init__(self, model: Sam, params: Any, text_encoder: Optional["ClipTextEncoder"] = None) -> None:
+        """`model, params = sam_jax.load_sam(path)`; `SamPredictor(model, params)`.
+
+        `text_encoder`: a `sam_jax.clip.ClipTextEncoder` for text prompts; the model must
+        have a text-prompt head of the encoder's embedding size (ValueError otherwise)."""
+        check_text_encoder(model.config, text_encoder)
         self.model = model
         self.params = params
+        self.text_encoder = text_encoder
         self.transform = ResizeLongestSide(model.config.image_size)
         self.reset_image()
 
@@ -88,6 +103,7 @@ class SamPredictor:
         mask_input: Optional[np.ndarray] = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        text: Optional[str] = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Masks for one prompt on the set image.
 
@@ -96,6 +112,8 @@ class SamPredictor:
             point_labels (N,): 1 foreground, 0 background.
           box: (4,) XYXY pixels in the original image.
           mask_input: (1, 256, 256) low-res logits from an earlier prediction.
+          text: a phrase (needs a `text_encoder` and a model with a text-prompt
+            head); alone or with the other prompts.
         Returns:
           masks (C, H, W) bool (float logits if return_logits), iou_predictions
           (C,), low_res_logits (C, 256, 256); C = 3 with multimask_output else 1.
@@ -105,15 +123,19 @@ class SamPredictor:
             if np.shape(box)[0] != 1:
                 raise ValueError(f"predict takes one box, (4,); got {np.shape(box)}: use predict_batch for several")
             box = np.asarray(box)[0]
-        for name, value, shape, text in (("point_coords", point_coords, (None, 2), "(N, 2)"),
+        for name, value, shape, wanted in (("point_coords", point_coords, (None, 2), "(N, 2)"),
                                          ("point_labels", point_labels, (None,), "(N,)"),
                                          ("box", box, (4,), "(4,) XYXY"),
                                          ("mask_input", mask_input, (1, m, m), f"(1, {m}, {m})")):
             if value is not None and not _fits(np.shape(value), shape):
-                raise ValueError(f"{name} must be {text} (predict takes one prompt); got {np.shape(value)}")
+                raise ValueError(f"{name} must be {wanted} (predict takes one prompt); got {np.shape(value)}")
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"text must be one phrase, a str (predict takes one prompt; predict_batch takes "
+                             f"one phrase per prompt); got {type(text).__name__} {text!r}")
         one = lambda x: None if x is None else np.asarray(x)[None]
         masks, iou, low_res = self.predict_batch(
-            one(point_coords), one(point_labels), one(box), one(mask_input), multimask_output, return_logits)
+            one(point_coords), one(point_labels), one(box), one(mask_input), multimask_output, return_logits,
+            text=None if text is None else [text])
         return masks[0], iou[0], low_res[0]
 
     def predict_batch(
@@ -124,24 +146,60 @@ class SamPredictor:
         mask_input: Optional[np.ndarray] = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        text: Optional[Sequence[str]] = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """B prompts on the set image at once (the official `predict_torch`, but in the
         original image's frame): point_coords (B, N, 2), point_labels (B, N),
-        boxes (B, 4), mask_input (B, 1, 256, 256). Returns (B, C, H, W) masks,
+        boxes (B, 4), mask_input (B, 1, 256, 256), text B phrases (prompt b
+        takes the b-th of each given kind). Returns (B, C, H, W) masks,
         (B, C) IoU predictions and (B, C, 256, 256) low-res logits."""
         self._require_image()
-        prompts = check_prompts(self.model.config, point_coords, point_labels, boxes, mask_input)
-        b, n = prompt_counts(*prompts)
+        embeddings = self.embed_text(text)
+        num_texts = None if embeddings is None else len(embeddings)
+        prompts = check_prompts(self.model.config, point_coords, point_labels, boxes, mask_input, num_texts)
+        b, n = prompt_counts(*prompts, num_texts=num_texts)
         padded = to_input_frame(self.transform, self.original_size, *prompts, bucket(b), bucket(n))
         masks, iou, low_res = decode_prompts(
             self.model, self.params, self.features, *padded,
             bool(multimask_output), self.input_size, self.original_size, bool(return_logits),
+            pad_text(embeddings, bucket(b)),
         )
         return tuple(np.asarray(x[:b]) for x in (masks, iou, low_res))
+
+    def embed_text(self, text: Optional[Sequence[str]]) -> Optional[np.ndarray]:
+        """(B, E) CLIP embeddings of B phrases (None for None); ValueError when this predictor
+        cannot take text prompts or a phrase is bad (not a str, empty, too long)."""
+        if text is None:
+            return None
+        require_text_prompts(self.model.config, self.text_encoder)
+        return self.text_encoder(text)
 
     def _require_image(self) -> None:
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+
+
+def require_text_prompts(config, text_encoder) -> None:
+    """ValueError unless text prompts can be decoded: a model with a text-prompt head and an encoder."""
+    if not config.has_text_prompts:
+        raise ValueError(f"text prompt given, but model {config.name!r} was not trained with text prompts "
+                         "(config.text_embed_dim is None: its checkpoint has no text-prompt head)")
+    if text_encoder is None:
+        raise ValueError("text prompt given, but no text_encoder: pass a sam_jax.clip.ClipTextEncoder "
+                         "(e.g. ClipTextEncoder.from_directory(clip_checkpoint)) to the predictor")
+
+
+def check_text_encoder(config, text_encoder) -> None:
+    """ValueError unless `text_encoder` (None, or a ClipTextEncoder) fits the model's text-prompt head."""
+    if text_encoder is None:
+        return
+    if not config.has_text_prompts:
+        raise ValueError(f"a text_encoder was given, but model {config.name!r} was not trained with text "
+                         "prompts (config.text_embed_dim is None: its checkpoint has no text-prompt head)")
+    if text_encoder.embed_dim != config.text_embed_dim:
+        raise ValueError(f"text_encoder makes {text_encoder.embed_dim}-dim embeddings (CLIP "
+                         f"{text_encoder.config.name!r}), but model {config.name!r}'s text-prompt head takes "
+                         f"{config.text_embed_dim}-dim ones (config.text_embed_dim)")
 
 
 def _fits(shape: tuple, wanted: tuple) -> bool:

@@ -2,13 +2,15 @@
 encoder's input frame and padded to bucketed sizes.
 
     check_prompts    point_coords (B, N, 2) + point_labels (B, N), boxes (B, 4), mask_input
-                     (B, 1, L, L) -> the same as numpy arrays, or a ValueError naming the problem
+                     (B, 1, L, L) (and the number of text phrases, B) -> the same as numpy
+                     arrays, or a ValueError naming the problem
     check_inside     a ValueError naming the first point or box corner outside the image
                      (the command line and the server refuse those; the predictor does not)
     prompt_counts    (B, N) of checked prompts
     bucket           the padded size of a count: the next power of two, so growing
                      click or prompt counts compile log2(n) times, not n times
     to_input_frame   checked prompts -> float32 input-frame prompts padded to (B', N')
+    pad_text         (B, E) text embeddings -> (B', E), padding rows zeros ("no text")
 
 Padding prompts are rows of zeros (their outputs are dropped); padding points
 are labelled PADDING, which `Sam.decode` masks out of attention.
@@ -41,15 +43,17 @@ def pad_to(x: np.ndarray, axis: int, size: int, value) -> np.ndarray:
     return np.pad(x, pad, constant_values=value)
 
 
-def check_prompts(config: SamConfig, point_coords, point_labels, boxes, mask_input) -> Prompts:
+def check_prompts(config: SamConfig, point_coords, point_labels, boxes, mask_input,
+                  num_texts: Optional[int] = None) -> Prompts:
     """Validates batched prompts in the original frame (`SamPredictor.predict_batch`'s
     arguments); returns them as numpy arrays (None where not given).
 
     Every given kind must hold the same number of prompts B (prompt b is point_coords[b],
-    boxes[b] and mask_input[b] together). Points and boxes outside the image are used as
-    given, as the official predictor uses them (the positional encoding extends past the
-    image); NaN or infinite values are refused."""
-    if point_coords is None and boxes is None and mask_input is None:
+    boxes[b] and mask_input[b] together, and the b-th of `num_texts` text phrases if
+    given). Points and boxes outside the image are used as given, as the official
+    predictor uses them (the positional encoding extends past the image); NaN or
+    infinite values are refused."""
+    if point_coords is None and boxes is None and mask_input is None and num_texts is None:
         raise ValueError("no prompt: give point_coords + point_labels, a box, or a mask_input")
     if (point_coords is None) != (point_labels is None):
         raise ValueError("point_coords and point_labels must be given together")
@@ -89,10 +93,13 @@ def check_prompts(config: SamConfig, point_coords, point_labels, boxes, mask_inp
                              "of an earlier prediction)")
     counts = {name: x.shape[0] for name, x in (("point_coords", point_coords), ("boxes", boxes),
                                                 ("mask_input", mask_input)) if x is not None}
+    if num_texts is not None:
+        counts = {"text phrases": num_texts, **counts}
     if len(set(counts.values())) > 1:
         given = ", ".join(f"{name} {n}" for name, n in counts.items())
+        text = ", text[b]" if num_texts is not None else ""
         raise ValueError(f"prompts disagree on the number of prompts B ({given}): prompt b takes "
-                         "point_coords[b], boxes[b] and mask_input[b] together")
+                         f"point_coords[b], boxes[b]{text} and mask_input[b] together")
     return point_coords, point_labels, boxes, mask_input
 
 
@@ -113,9 +120,9 @@ def check_inside(point_coords: Optional[np.ndarray], box: Optional[np.ndarray], 
                              f"{width}x{height} image {image}")
 
 
-def prompt_counts(coords, labels, boxes, mask_input) -> tuple[int, int]:
-    """(number of prompts B, points per prompt N) of validated prompts."""
-    b = next(x.shape[0] for x in (coords, boxes, mask_input) if x is not None)
+def prompt_counts(coords, labels, boxes, mask_input, num_texts: Optional[int] = None) -> tuple[int, int]:
+    """(number of prompts B, points per prompt N) of validated prompts (with `num_texts` phrases)."""
+    b = next(x.shape[0] for x in (coords, boxes, mask_input) if x is not None) if num_texts is None else num_texts
     return b, 0 if coords is None else coords.shape[1]
 
 
@@ -132,3 +139,11 @@ def to_input_frame(transform: ResizeLongestSide, original_size: tuple[int, int],
         boxes = transform.apply_boxes(boxes, original_size).astype(np.float32)
     prompts = (coords, labels, boxes, mask_input)
     return tuple(None if x is None else pad_to(x, 0, num_prompts, 0) for x in prompts)
+
+
+def pad_text(text_embeddings: Optional[np.ndarray], num_prompts: int) -> Optional[np.ndarray]:
+    """(B, E) CLIP text embeddings -> float32 (num_prompts, E); padding rows are zeros, which
+    `Sam.decode` reads as "no text prompt" (and whose outputs are dropped)."""
+    if text_embeddings is None:
+        return None
+    return pad_to(np.asarray(text_embeddings, np.float32), 0, num_prompts, 0.0)

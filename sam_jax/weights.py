@@ -249,15 +249,29 @@ def save_params(
     `directory` is a FileExistsError, unless `overwrite` and it is a sam_jax
     checkpoint, which is then replaced (the old one removed after the swap).
     """
+    directory = check_output_directory(directory, overwrite)
+    layout = layout_of(params)
+    check_params_match(abstract_params(config, layout == SCANNED), params, "params to save")
+    check_values(flatten(params), "params to save")
+    metadata = {"format": FORMAT, "config": config.to_dict(), "layout": layout, "source": source}
+    return write_checkpoint(directory, params, metadata)
+
+
+def check_output_directory(directory: str | os.PathLike, overwrite: bool) -> Path:
+    """`directory` as an absolute path, if a checkpoint may be written there: FileExistsError when
+    it exists, unless `overwrite` and it is a checkpoint of this package (it has METADATA_FILE)."""
     directory = Path(directory).absolute()
     if directory.exists() or directory.is_symlink():
         if not overwrite:
             raise FileExistsError(f"{directory} already exists; choose a new output directory")
         if not (directory / METADATA_FILE).is_file():
             raise FileExistsError(f"{directory} exists and is not a sam_jax checkpoint; not replacing it")
-    layout = layout_of(params)
-    check_params_match(abstract_params(config, layout == SCANNED), params, "params to save")
-    check_values(flatten(params), "params to save")
+    return directory
+
+
+def write_checkpoint(directory: Path, params: Mapping[str, Any], metadata: Mapping[str, Any]) -> Path:
+    """Writes checked `params` (orbax, under PARAMS_DIR) and `metadata` (METADATA_FILE) as the
+    checkpoint `directory`, staged and renamed into place (see `save_params`)."""
     with staged_directory(directory) as staged:
         try:
             with orbax_failures_quiet(staged.parent):
@@ -266,7 +280,6 @@ def save_params(
             failure = OSError(f"{directory}: cannot write the checkpoint ({_write_error_reason(err)})")
             failure.errno = _write_error_errno(err)
             raise failure from None
-        metadata = {"format": FORMAT, "config": config.to_dict(), "layout": layout, "source": source}
         (staged / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return directory
 
@@ -284,23 +297,50 @@ def _write_error_reason(err: Exception) -> str:
     return os.strerror(code) if code != errno.EIO else " ".join(str(err).split())[:200]
 
 
-def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+# The format a CLIP checkpoint records (`sam_jax.clip.checkpoint`): refused here by name.
+CLIP_FORMAT = "sam_jax_clip"
+
+
+def read_metadata_file(directory: str | os.PathLike, convert_hint: str) -> dict[str, Any]:
+    """The parsed METADATA_FILE of the checkpoint folder `directory` (any format); CheckpointError
+    when there is no such folder (`convert_hint`: how to make one), no such file, or bad JSON."""
     directory = Path(directory)
     meta_path = directory / METADATA_FILE
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     if not meta_path.is_file():
-        raise CheckpointError(
-            f"{directory}: not a converted sam_jax checkpoint (no {METADATA_FILE}); "
-            "convert official weights with `python -m checkpoints_convert.convert`"
-        )
+        raise CheckpointError(f"{directory}: not a converted sam_jax checkpoint (no {METADATA_FILE}); "
+                              f"{convert_hint}")
     try:
         metadata = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{meta_path}: corrupt metadata ({err})") from err
-    if metadata.get("format") != FORMAT or metadata.get("layout") not in LAYOUTS:
+    if not isinstance(metadata, dict):
         raise CheckpointError(f"{meta_path}: not sam_jax checkpoint metadata")
     return metadata
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    directory = Path(directory)
+    metadata = read_metadata_file(
+        directory, "convert official weights with `python -m checkpoints_convert.convert`")
+    if metadata.get("format") == CLIP_FORMAT:
+        raise CheckpointError(
+            f"{directory} is a CLIP checkpoint (text encoder {metadata.get('config', {}).get('name')!r}), "
+            "not a SAM checkpoint; load it with sam_jax.clip.load_clip (sam-jax segment --clip-checkpoint)")
+    if metadata.get("format") != FORMAT or metadata.get("layout") not in LAYOUTS:
+        raise CheckpointError(f"{directory / METADATA_FILE}: not sam_jax checkpoint metadata")
+    return metadata
+
+
+def restore_params(directory: Path) -> Params:
+    """The orbax params tree under `directory / PARAMS_DIR`, as saved (unchecked);
+    CheckpointError with the reason when unreadable."""
+    try:
+        with orbax_failures_quiet(directory):
+            return ocp.PyTreeCheckpointer().restore(directory / PARAMS_DIR)
+    except Exception as err:  # orbax raises many types for unreadable or partial files
+        raise CheckpointError(f"{directory / PARAMS_DIR}: cannot restore params ({error_reason(err)})") from err
 
 
 def load_params(
@@ -313,11 +353,7 @@ def load_params(
         config = SamConfig.from_dict(metadata["config"])
     except (TypeError, KeyError, ValueError) as err:
         raise CheckpointError(f"{directory / METADATA_FILE}: bad config ({err})") from err
-    try:
-        with orbax_failures_quiet(directory):
-            params = ocp.PyTreeCheckpointer().restore(directory / PARAMS_DIR)
-    except Exception as err:  # orbax raises many types for unreadable or partial files
-        raise CheckpointError(f"{directory / PARAMS_DIR}: cannot restore params ({error_reason(err)})") from err
+    params = restore_params(directory)
     check_params_match(abstract_params(config, metadata["layout"] == SCANNED), params, str(directory))
     check_values(flatten(params), str(directory))
     params = to_layout(params, config, SCANNED if scan_blocks else LOOPED)

@@ -31,6 +31,7 @@ LONGEST_FILES = (
     "test_converter.py",
     "test_automatic_mask_generator.py",
     "test_interactive_training.py",
+    "test_text_prompt_training.py",
     "test_train_parallelism.py",
     "test_device_benchmark.py",
     "test_benchmark_train_step.py",
@@ -38,6 +39,7 @@ LONGEST_FILES = (
     "test_point_protocol_parity.py",
     "test_batch_predictor.py",
     "test_predictor.py",
+    "test_text_prompts_inference.py",
     "test_eval_command.py",
 )
 

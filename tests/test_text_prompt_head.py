@@ -135,3 +135,20 @@ def test_checkpoint_records_the_text_head(text_model, tmp_path):
         save_params(tmp_path / "plain", params, CONFIGS["vit_tiny"])
     config, _ = load_params(tmp_path / "text")
     assert config == TEXT
+
+
+def test_a_zero_row_is_no_text_prompt(text_model):
+    """Rows of zeros are masked out: a batch mixing text and no text decodes each row as alone."""
+    model, params, embedding = text_model
+    boxes = jnp.array([[30.0, 40.0, 150.0, 200.0], [10.0, 20.0, 90.0, 60.0]])
+    text = unit(jax.random.PRNGKey(7), 1)
+    mixed = jnp.concatenate([jnp.zeros((1, E)), text])
+    got = decode(model, params, embedding, boxes=boxes, text_embeddings=mixed)
+    without = decode(model, params, embedding, boxes=boxes[:1])
+    with_text = decode(model, params, embedding, boxes=boxes[1:], text_embeddings=text)
+    for g, w0, w1 in zip(got, without, with_text):
+        np.testing.assert_allclose(np.asarray(g[0]), np.asarray(w0[0]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(g[1]), np.asarray(w1[0]), rtol=1e-5, atol=1e-5)
+    # No prompt at all but the zero row: finite masks (the output tokens still attend).
+    logits, iou = decode(model, params, embedding, text_embeddings=jnp.zeros((1, E)))
+    assert np.isfinite(np.asarray(logits)).all() and np.isfinite(np.asarray(iou)).all()

@@ -1,8 +1,11 @@
 """The `sam-jax` command line.
 
     sam-jax convert sam_vit_b_01ec64.pth converted/vit_b
+    sam-jax convert-clip open_clip_model.safetensors converted/clip --config vit_l14_336
     sam-jax segment --checkpoint converted/vit_b --input photo.jpg --output out/ --point-coords "500,375"
     sam-jax segment --checkpoint converted/vit_b --input photos/ --output out/ --prompts prompts.json
+    sam-jax segment --checkpoint converted/text_model --clip-checkpoint converted/clip --input photo.jpg \
+        --output out/ --text "a wheel"
     sam-jax amg --checkpoint converted/vit_b --input photos/ --output masks/ [--convert-to-rle]
     sam-jax serve --checkpoint converted/vit_b [--images photos/]     # then open the printed URL
     sam-jax export --checkpoint converted/vit_b --format onnx --output exported/   # or stablehlo
@@ -40,12 +43,14 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                      epilog=f"`{PROG} <command> --help` for each command's options.")
-    subparsers = parser.add_subparsers(dest="command", metavar="{segment,amg,serve,export,convert}", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="{segment,amg,serve,export,convert,convert-clip}",
+                                       required=True)
     segment.add_parser(subparsers)
     amg.add_parser(subparsers)
     serve.add_parser(subparsers)
     export.add_parser(subparsers)
     add_convert_parser(subparsers)
+    add_convert_clip_parser(subparsers)
     return parser
 
 
@@ -57,6 +62,17 @@ def add_convert_parser(subparsers) -> None:
                                    description=convert.DESCRIPTION)
     convert.add_arguments(parser)
     parser.set_defaults(run=convert.run)
+
+
+def add_convert_clip_parser(subparsers) -> None:
+    """`sam-jax convert-clip`: `python -m checkpoints_convert.clip`'s arguments and run."""
+    from checkpoints_convert import clip
+
+    parser = subparsers.add_parser("convert-clip", help="open_clip or Hugging Face CLIP weights -> a sam_jax "
+                                   "CLIP checkpoint folder (the text encoder of text prompts)",
+                                   description=clip.DESCRIPTION)
+    clip.add_arguments(parser)
+    parser.set_defaults(run=clip.run)
 
 
 def _join_negative_values(argv: list[str]) -> list[str]:
@@ -80,6 +96,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
         args = build_parser().parse_args(_join_negative_values(argv))
+        if getattr(args, "check_args", None) is not None:  # combinations of arguments; may exit as argparse
+            args.check_args(args)
     except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
         return exit_.code if isinstance(exit_.code, int) else 2
     try:

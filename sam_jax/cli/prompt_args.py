@@ -3,11 +3,12 @@ against the image.
 
 Command line: --point-coords "x,y;x,y" (pixels in the original image),
 --point-labels "1,0" (1 foreground, 0 background; all 1 when left out),
---box "x0,y0,x1,y1". A prompts.json maps image file names to the same
-fields as JSON: {"a.jpg": {"point_coords": [[x, y], ...], "point_labels":
-[1, ...], "box": [x0, y0, x1, y1]}, ...}; an entry replaces the command-line
-prompt for that image. Points and box corners must lie inside the image:
-0 <= x <= width, 0 <= y <= height.
+--box "x0,y0,x1,y1", --text "a phrase" (a text prompt, for a checkpoint
+trained with them; needs --clip-checkpoint). A prompts.json maps image file
+names to the same fields as JSON: {"a.jpg": {"point_coords": [[x, y], ...],
+"point_labels": [1, ...], "box": [x0, y0, x1, y1], "text": "a phrase"}, ...};
+an entry replaces the command-line prompt for that image. Points and box
+corners must lie inside the image: 0 <= x <= width, 0 <= y <= height.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import numpy as np
 from sam_jax.cli.common import UsageError
 from sam_jax.prompts import check_inside
 
-PROMPT_FIELDS = ("point_coords", "point_labels", "box")
+PROMPT_FIELDS = ("point_coords", "point_labels", "box", "text")
+EMPTY_TEXT = 'the text prompt is empty; give a phrase, e.g. "a red circle"'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,14 +33,17 @@ class Prompt:
     point_coords: Optional[np.ndarray] = None  # (N, 2) float64, (x, y) pixels
     point_labels: Optional[np.ndarray] = None  # (N,) int32, 1 foreground / 0 background
     box: Optional[np.ndarray] = None  # (4,) float64 XYXY pixels
+    text: Optional[str] = None  # a phrase, encoded by CLIP
 
     def check_inside(self, width: int, height: int, image: Path) -> None:
         """Raises ValueError naming the first point or box corner outside the image."""
         check_inside(self.point_coords, self.box, width, height, str(image))
 
     def to_json(self) -> dict[str, Any]:
+        """The prompt's fields as JSON; "text" only when there is one."""
         as_list = lambda x: None if x is None else x.tolist()
-        return {name: as_list(getattr(self, name)) for name in PROMPT_FIELDS}
+        fields = {name: as_list(getattr(self, name)) for name in ("point_coords", "point_labels", "box")}
+        return fields if self.text is None else {**fields, "text": self.text}
 
 
 def _fmt(v: float) -> str:
@@ -78,13 +83,16 @@ def parse_box(text: str) -> np.ndarray:
 
 
 def make_prompt(coords: Optional[np.ndarray], labels: Optional[np.ndarray],
-                box: Optional[np.ndarray], where: str = "") -> Prompt:
-    """Checks a prompt's parts together (labels without points, count mismatch, box order)."""
+                box: Optional[np.ndarray], where: str = "", text: Optional[str] = None) -> Prompt:
+    """Checks a prompt's parts together (labels without points, count mismatch, box order,
+    blank text)."""
     prefix = f"{where}: " if where else ""
     if coords is None and labels is not None:
         raise UsageError(f"{prefix}point labels given without point coordinates")
-    if coords is None and box is None:
-        raise UsageError(f"{prefix}no prompt: give point coordinates and/or a box")
+    if coords is None and box is None and text is None:
+        raise UsageError(f"{prefix}no prompt: give point coordinates and/or a box (or a text)")
+    if text is not None and not text.strip():
+        raise UsageError(f"{prefix}{EMPTY_TEXT}")
     if coords is not None:
         labels = np.ones(len(coords), np.int32) if labels is None else labels
         if len(labels) != len(coords):
@@ -94,17 +102,19 @@ def make_prompt(coords: Optional[np.ndarray], labels: Optional[np.ndarray],
         if x1 <= x0 or y1 <= y0:
             raise UsageError(f"{prefix}box must be x0,y0,x1,y1 with x1 > x0 and y1 > y0; "
                              f"got {', '.join(map(_fmt, box))}")
-    return Prompt(coords, labels, box)
+    return Prompt(coords, labels, box, text)
 
 
 def prompt_from_args(point_coords: Optional[str], point_labels: Optional[str],
-                     box: Optional[str]) -> Optional[Prompt]:
+                     box: Optional[str], text: Optional[str] = None) -> Optional[Prompt]:
     """The command-line prompt, or None when none of its flags is given."""
-    if point_coords is None and point_labels is None and box is None:
+    if point_coords is None and point_labels is None and box is None and text is None:
         return None
+    if text is not None and not text.strip():
+        raise UsageError(f"--text: {EMPTY_TEXT}")
     coords = None if point_coords is None else parse_points(point_coords)
     labels = None if point_labels is None else parse_labels(point_labels)
-    return make_prompt(coords, labels, None if box is None else parse_box(box))
+    return make_prompt(coords, labels, None if box is None else parse_box(box), text=text)
 
 
 def _array(value: Any, shape: Sequence[Optional[int]], what: str, where: str) -> np.ndarray:
@@ -153,5 +163,8 @@ def read_prompts_file(path: str, image_names: Sequence[str]) -> dict[str, Prompt
             labels = labels.astype(np.int32)
         if entry.get("box") is not None:
             box = _array(entry["box"], (4,), "box", where)
-        prompts[name] = make_prompt(coords, labels, box, where)
+        text = entry.get("text")
+        if text is not None and not isinstance(text, str):
+            raise UsageError(f"{where}: text must be a string (a phrase); got {json.dumps(text)}")
+        prompts[name] = make_prompt(coords, labels, box, where, text)
     return prompts

@@ -7,6 +7,12 @@
     parent  (N,) int64        index of the containing object, -1 for a whole
     level   (N,) int64        0 whole, 1 part, 2 subpart
     owner   (H, W) int32      index of the object whose colour each pixel shows, -1 background
+    kind    (N,) str (<U9)    the shape drawn: "ellipse", "rectangle", "polygon", "blob" or "ring"
+                              (wholes); a part's is the shape it was cut by ("ellipse" ...
+                              "blob"), or "band" for parts that tile their whole in bands
+    colour  (N, 3) float32    mean RGB (0-255) of the image pixels the object itself shows
+                              (`owner == i`: its parts' pixels excluded); of its whole mask
+                              when its parts cover it entirely
 
 Objects are painted back to front without anti-aliasing, each pixel taking
 the colour of the top-most object covering it, so a mask is exactly the union
@@ -14,6 +20,10 @@ of `owner` over the object and its descendants. A part's shape is clipped to
 its whole's, a subpart's to its part's, so part masks lie inside whole masks
 and occlusion clips an object and its parts alike. Masks are in paint order,
 each object followed by its parts: `parent[i] < i`.
+
+`kind` and `colour` describe objects for captions (`sam_jax.data.captions`); they
+are recorded without any extra random draw, so a seed's image and masks are the
+same as before they existed.
 """
 
 from __future__ import annotations
@@ -49,6 +59,8 @@ class Scene:
     parent: np.ndarray  # (N,) int64
     level: np.ndarray  # (N,) int64
     owner: np.ndarray  # (H, W) int32
+    kind: np.ndarray  # (N,) str: the object's shape kind (module docstring)
+    colour: np.ndarray  # (N, 3) float32: mean RGB of the pixels the object shows itself
     layers: Optional[List[Layer]] = None  # (N,) in mask order, with keep_layers=True
     background: Optional[np.ndarray] = None  # (H, W, 3) uint8, with keep_layers=True
 
@@ -70,6 +82,7 @@ class _Object:
     level: int
     palette: np.ndarray  # (2, 3) float32 end colours of the texture
     texture: dict
+    kind: str = ""  # the shape kind drawn (Scene.kind)
 
 
 def sample_size(rng: np.random.Generator, min_side: int, max_side: int) -> Tuple[int, int]:
@@ -110,17 +123,22 @@ def generate_scene(seed: Seed, height: int, width: int, *, min_area: int = 16,
         masks[i][window] = own
         if keep_layers:
             layers.append(Layer(s.y0, s.x0, s.mask, _render_texture(obj.texture, obj.palette, s.mask.shape)))
+    colour = _mean_colours(image, owner, len(objects))
     for i in range(len(objects) - 1, -1, -1):  # children come after their parents, inside their windows
         if objects[i].parent >= 0:
             s = objects[i].shape
             window = (slice(s.y0, s.y0 + s.mask.shape[0]), slice(s.x0, s.x0 + s.mask.shape[1]))
             masks[objects[i].parent][window] |= masks[i][window]
+    for i in np.flatnonzero(np.isnan(colour[:, 0])):  # no pixel of its own: its parts tile it
+        colour[i] = image[masks[i]].mean(axis=0)
     return Scene(
         image=image,
         masks=masks,
         parent=np.array([o.parent for o in objects], np.int64),
         level=np.array([o.level for o in objects], np.int64),
         owner=owner,
+        kind=np.array([o.kind for o in objects], dtype="<U9").reshape(-1),
+        colour=colour,
         layers=layers if keep_layers else None,
         background=background if keep_layers else None,
     )
@@ -154,7 +172,8 @@ def _plan_objects(rng, h: int, w: int, background_palette) -> List[_Object]:
         clipped = _clip_to_image(shape, h, w)
         if clipped is None:
             continue
-        objects.append(_Object(clipped, -1, 0, *_texture_spec(rng, avoid=background_palette, min_distance=30)))
+        objects.append(_Object(clipped, -1, 0, *_texture_spec(rng, avoid=background_palette, min_distance=30),
+                               kind=str(kind)))
         _add_children(rng, objects, len(objects) - 1)
     return objects
 
@@ -167,20 +186,23 @@ def _add_children(rng, objects: List[_Object], p: int) -> None:
         return
     if parent.level == 0 and area >= 1500 and rng.random() < 0.15:
         shapes = _bands(rng, parent.shape)  # parts that tile the whole and touch each other
+        kinds = ["band"] * len(shapes)
     else:
         n = int(rng.choice(4, p=(0.3, 0.3, 0.25, 0.15)) if parent.level == 0 else rng.choice(3, p=(0.5, 0.3, 0.2)))
         ys, xs = np.nonzero(parent.shape.mask)
-        shapes = []
+        shapes, kinds = [], []
         for _ in range(n):
             k = int(rng.integers(len(ys)))
             target = max(MIN_TARGET_AREA, area * math.exp(rng.uniform(math.log(0.05), math.log(0.45))))
             cy, cx = parent.shape.y0 + ys[k] + 0.5, parent.shape.x0 + xs[k] + 0.5
-            shapes.append(_rasterize(rng, rng.choice(_SHAPES), target, cy, cx))
-    for shape in shapes:
+            kinds.append(str(rng.choice(_SHAPES)))
+            shapes.append(_rasterize(rng, kinds[-1], target, cy, cx))
+    for shape, kind in zip(shapes, kinds):
         clipped = _intersect(shape, parent.shape)
         if clipped is None:
             continue
-        objects.append(_Object(clipped, p, parent.level + 1, *_texture_spec(rng, avoid=parent.palette, min_distance=70)))
+        objects.append(_Object(clipped, p, parent.level + 1, *_texture_spec(rng, avoid=parent.palette, min_distance=70),
+                               kind=kind))
         _add_children(rng, objects, len(objects) - 1)
 
 
@@ -352,6 +374,17 @@ def _visible_objects(objects: List[_Object], h: int, w: int, min_area: int) -> n
 
 
 # ---------------------------------------------------------------- textures
+
+
+def _mean_colours(image: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """(n, 3) float32 mean RGB of the pixels each object owns; NaN rows for objects owning none."""
+    flat = owner.ravel()
+    shown = flat >= 0
+    counts = np.bincount(flat[shown], minlength=n)[:n].astype(np.float64)
+    sums = np.stack([np.bincount(flat[shown], weights=image[..., c].ravel()[shown].astype(np.float64), minlength=n)[:n]
+                     for c in range(3)], axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (sums / counts[:, None]).astype(np.float32)
 
 
 def _random_colour(rng, avoid: np.ndarray, min_distance: float) -> np.ndarray:

@@ -5,7 +5,8 @@ automatic mask generator, evaluation, the training loop's decoder): one
 compiled function per job, cached per model and per static argument.
 
     encode_images   (B, S, S, 3) zero-padded images + (B, 2) sizes -> (B, h, w, D)
-    decode_prompts  one image's embedding, B prompts -> masks at the original size,
+    decode_prompts  one image's embedding, B prompts (points, boxes, masks and, for a model
+                    with a text-prompt head, CLIP text embeddings) -> masks at the original size,
                     IoU, low-res logits (on the CPU in cache-sized chunks of prompts):
                     decode_low_res, then upsample_masks
     decode_batch    B images, P prompts each (vmapped) -> (B, P, C, 4h, 4w), (B, P, C)
@@ -50,15 +51,19 @@ def decoder_chunk(config: SamConfig, num_prompts: int) -> int:
 
 def decode_in_chunks(model: Sam, params, image_embeddings: jax.Array, point_coords=None, point_labels=None,
                      boxes=None, mask_inputs=None, multimask_output: bool = True,
-                     chunk: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
+                     chunk: Optional[int] = None, text_embeddings=None) -> tuple[jax.Array, jax.Array]:
     """`Sam.decode` of B prompts on one image (1, h, w, D), `chunk` prompts at a time
-    (default `decoder_chunk`) under `lax.map`; the same outputs, (B, C, 4h, 4w) and (B, C)."""
-    prompts = (point_coords, point_labels, boxes, mask_inputs)
+    (default `decoder_chunk`) under `lax.map`; the same outputs, (B, C, 4h, 4w) and (B, C).
+    `text_embeddings` (B, E): CLIP embeddings for a model with a text-prompt head (rows of
+    zeros: no text prompt)."""
+    prompts = (point_coords, point_labels, boxes, mask_inputs, text_embeddings)
     b = next((x.shape[0] for x in prompts if x is not None), 1)
     chunk = decoder_chunk(model.config, b) if chunk is None else chunk
 
     def decode(p):
-        return model.apply({"params": params}, image_embeddings, *p, multimask_output, method=Sam.decode)
+        *sam_prompts, text = p
+        return model.apply({"params": params}, image_embeddings, *sam_prompts, multimask_output, text,
+                           method=Sam.decode)
 
     if chunk >= b or image_embeddings.shape[0] != 1:
         return decode(prompts)
@@ -72,21 +77,23 @@ def decode_in_chunks(model: Sam, params, image_embeddings: jax.Array, point_coor
 
 @functools.partial(jax.jit, static_argnums=(0, 7))
 def decode_low_res(model: Sam, params, image_embeddings, point_coords, point_labels, boxes, mask_inputs,
-                   multimask_output: bool) -> tuple[jax.Array, jax.Array]:
+                   multimask_output: bool, text_embeddings=None) -> tuple[jax.Array, jax.Array]:
     """`decode_in_chunks`, compiled once per prompt shape whatever the image size."""
     return decode_in_chunks(model, params, image_embeddings, point_coords, point_labels, boxes, mask_inputs,
-                            multimask_output)
+                            multimask_output, text_embeddings=text_embeddings)
 
 
 def decode_prompts(model: Sam, params, image_embeddings, point_coords, point_labels, boxes, mask_inputs,
-                   multimask_output: bool, input_size: tuple, original_size: tuple, return_logits: bool):
+                   multimask_output: bool, input_size: tuple, original_size: tuple, return_logits: bool,
+                   text_embeddings=None):
     """B prompts on one image (1, h, w, D) -> masks (B, C, H, W) at `original_size` (logits if
     `return_logits`, else booleans), IoU predictions (B, C) and low-res logits (B, C, 4h, 4w).
+    `text_embeddings`: optional (B, E) CLIP embeddings (see `decode_in_chunks`).
 
     Two compiled steps: the decoder (per prompt shape) and the upsampling (per image size),
     so a new image size recompiles only the upsampling, and a new prompt shape only the decoder."""
     low_res, iou = decode_low_res(model, params, image_embeddings, point_coords, point_labels, boxes,
-                                  mask_inputs, multimask_output)
+                                  mask_inputs, multimask_output, text_embeddings)
     threshold = None if return_logits else model.config.mask_threshold
     masks = upsample_masks(low_res, tuple(input_size), tuple(original_size), model.config.image_size, threshold)
     return masks, iou, low_res
@@ -94,15 +101,16 @@ def decode_prompts(model: Sam, params, image_embeddings, point_coords, point_lab
 
 @functools.partial(jax.jit, static_argnums=(0, 7))
 def decode_batch(model: Sam, params, image_embeddings, point_coords, point_labels, boxes=None, mask_inputs=None,
-                 multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:
-    """Per image b: embeddings (B, h, w, D), its P prompts (B, P, ...; any but the points may
-    be None) -> low-res logits (B, P, C, 4h, 4w) and IoU predictions (B, P, C)."""
+                 multimask_output: bool = True, text_embeddings=None) -> tuple[jax.Array, jax.Array]:
+    """Per image b: embeddings (B, h, w, D), its P prompts (B, P, ...; any may be None, but
+    not all; `text_embeddings` (B, P, E) CLIP embeddings, rows of zeros no text) -> low-res
+    logits (B, P, C, 4h, 4w) and IoU predictions (B, P, C)."""
 
-    def one_image(embedding, coords, labels, box, mask):
-        return model.apply({"params": params}, embedding[None], coords, labels, box, mask, multimask_output,
+    def one_image(embedding, coords, labels, box, mask, text):
+        return model.apply({"params": params}, embedding[None], coords, labels, box, mask, multimask_output, text,
                            method=Sam.decode)
 
-    return jax.vmap(one_image)(image_embeddings, point_coords, point_labels, boxes, mask_inputs)
+    return jax.vmap(one_image)(image_embeddings, point_coords, point_labels, boxes, mask_inputs, text_embeddings)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))

@@ -94,7 +94,9 @@ class Sam(nn.Module):
           mask_inputs: (B, 1, 4h, 4w) mask logits from an earlier prediction.
           multimask_output: static; 3 masks if True, else the single-mask token.
           text_embeddings: (B, E) CLIP embeddings, the first prompt token (a model
-            with a text-prompt head, `config.text_embed_dim` = E).
+            with a text-prompt head, `config.text_embed_dim` = E). A row of zeros
+            (never an L2-normalised embedding) is no text prompt: masked out, as a
+            PADDING point is, so a fixed-shape batch can mix prompts with and without.
         Returns:
           low_res_logits (B, C, 4h, 4w) and iou_predictions (B, C).
         """
@@ -106,10 +108,13 @@ class Sam(nn.Module):
             # does its image-side work once for all prompts.
             dense = dense[:1]
         sparse_mask = None
+        b = sparse.shape[0]
+        text = jnp.ones((b, 0), bool)
+        if text_embeddings is not None:
+            text = jnp.broadcast_to(jnp.any(text_embeddings != 0, axis=1, keepdims=True), (b, 1))
+            sparse_mask = jnp.concatenate([text, jnp.ones((b, sparse.shape[1] - 1), bool)], 1)
         if points is not None:  # tokens: text if any, points, the official pad point if no box, box corners
             labels = jnp.asarray(point_labels)
-            b = sparse.shape[0]
-            text = jnp.ones((b, 0 if text_embeddings is None else 1), bool)
             after = jnp.ones((b, sparse.shape[1] - text.shape[1] - labels.shape[1]), bool)
             if boxes is None:
                 # Box corners given as points (labels 2 / 3) are a box: officially no pad point then.

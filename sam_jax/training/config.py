@@ -66,6 +66,9 @@ class TrainConfig:
     # iteration 1 faster, and the full loop then learns corrections from a model that can segment.
     single_prompt_steps: int = 0
     init_checkpoint: Optional[str] = None  # a converted checkpoint (official weights) to start from
+    # Text-prompt training (`interactive.text.probability` > 0): a sam_jax CLIP checkpoint
+    # (`sam_jax.clip.checkpoint`) whose image tower embeds the mask crops, frozen.
+    clip_checkpoint: Optional[str] = None
     dtype: str = "float32"  # compute dtype; params stay float32
     scan_blocks: bool = False
     remat_policy: Optional[str] = None
@@ -112,6 +115,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.interactive.text.probability > 0 and (not self.model.has_text_prompts or not self.clip_checkpoint):
+            raise ValueError(f"interactive.text.probability={self.interactive.text.probability} trains text prompts: "
+                             f"it needs model.text_embed_dim (now {self.model.text_embed_dim}) and clip_checkpoint "
+                             f"(now {self.clip_checkpoint!r})")
         masks = self.data.preprocess.max_masks
         loop_masks = masks if self.interactive.max_masks is None else self.interactive.max_masks
         if loop_masks > masks:

@@ -39,15 +39,17 @@ from sam_jax.modeling.interpolate import resize_bilinear
 from sam_jax.modeling.prompt_encoder import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, FOREGROUND, PADDING
 from sam_jax.training import prompt_sampling
 from sam_jax.training.losses import sam_loss
+from sam_jax.training.text_prompts import TextPromptConfig
 
 # decode(embeddings (B, h, w, D), coords (B, M, N, 2), labels (B, M, N), mask_inputs (B, M, 1, L, L) | None,
-#        multimask) -> low-res logits (B, M, C, L, L), predicted IoU (B, M, C)
+#        multimask[, text (B, M, E): only in text-prompt training]) -> low-res logits (B, M, C, L, L),
+#        predicted IoU (B, M, C)
 DecodeFn = Callable[..., Tuple[jax.Array, jax.Array]]
 
 
 # Every random draw of a mask comes from its own key folded with one of these,
 # so a mask's prompts do not depend on how the batch is split over devices.
-_FIRST_PROMPT, _SCHEDULE, _CORRECTION = 0, 1, 2
+_FIRST_PROMPT, _SCHEDULE, _CORRECTION, _TEXT_PROMPT = 0, 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +79,9 @@ class InteractiveConfig:
     # lets single-prompt steps (`TrainConfig.single_prompt_steps`, which train every mask)
     # learn from more masks at little cost.
     max_masks: Optional[int] = None
+    # The paper's text-prompt training: CLIP crop embeddings as the first prompt of some masks
+    # (`sam_jax.training.text_prompts`; needs a model with a text head and a CLIP image tower).
+    text: TextPromptConfig = TextPromptConfig()
 
     def __post_init__(self):
         if self.mask_chunks < 1:
@@ -132,7 +137,7 @@ def correction_schedule(mask_keys: jax.Array, config: InteractiveConfig) -> jax.
 
 def initial_prompts(
     mask_keys: jax.Array, targets: jax.Array, boxes: jax.Array, image_hw: jax.Array, image_size: int,
-    config: InteractiveConfig,
+    config: InteractiveConfig, use_text: Optional[jax.Array] = None,
 ) -> Tuple[jax.Array, jax.Array]:
     """First prompts of K masks -> point buffers: coords (K, N, 2), labels (K, N).
 
@@ -141,6 +146,7 @@ def initial_prompts(
       targets: (K, H, W) bool ground truth at the loss resolution.
       boxes: (K, 4) XYXY ground-truth boxes in the input frame.
       image_hw: (K, 2) valid image size in the input frame (noisy boxes stay inside).
+      use_text: (K,) bool, masks prompted by their text token alone (no point, no box).
     """
     k = targets.shape[0]
     n, p = config.num_point_slots, config.num_correction_points
@@ -155,10 +161,13 @@ def initial_prompts(
         return use_box, point, noisy
 
     use_box, point, box = jax.vmap(one)(mask_keys, targets, boxes, image_hw)
+    use_point = ~use_box
+    if use_text is not None:
+        use_box, use_point = use_box & ~use_text, use_point & ~use_text
     coords = jnp.zeros((k, n, 2), jnp.float32)
     coords = coords.at[:, 0].set(point).at[:, p + 1].set(box[:, :2]).at[:, p + 2].set(box[:, 2:])
     labels = jnp.full((k, n), PADDING, jnp.int32)
-    labels = labels.at[:, 0].set(jnp.where(use_box, PADDING, FOREGROUND))
+    labels = labels.at[:, 0].set(jnp.where(use_point, FOREGROUND, PADDING))
     labels = labels.at[:, p + 1].set(jnp.where(use_box, BOX_TOP_LEFT, PADDING))
     labels = labels.at[:, p + 2].set(jnp.where(use_box, BOX_BOTTOM_RIGHT, PADDING))
     return coords, labels
@@ -190,6 +199,7 @@ def interactive_loss(
     config: InteractiveConfig,
     image_size: int,
     num_valid: Optional[jax.Array] = None,
+    text_prompts: Optional[Callable[[jax.Array], jax.Array]] = None,
 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """The summed loss of the interactive iterations over a batch, and per-iteration metrics.
 
@@ -204,6 +214,9 @@ def interactive_loss(
       image_size: T, the model's input size.
       num_valid: divisor of each iteration's loss (default: this batch's valid
         masks; a data-parallel step passes the count over all devices).
+      text_prompts: the masks' text-prompt keys (K,) -> (K, E) CLIP embeddings, zero
+        rows for masks without a text prompt (`text_prompts.crop_embedder`). A mask with
+        one starts from it alone; it stays the first token of every later iteration.
     Returns:
       (loss, metrics): metrics["loss"] / ["focal"] / ["dice"] / ["iou_loss"] are
       (num_iterations,) per-iteration values, metrics["miou"] the mean IoU of
@@ -219,6 +232,12 @@ def interactive_loss(
     mask_keys = jax.vmap(lambda key: jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(m)))(image_keys)
     mask_keys = mask_keys.reshape((k,) + mask_keys.shape[2:])
 
+    text = use_text = None
+    if text_prompts is not None:
+        text = jax.lax.stop_gradient(text_prompts(
+            jax.vmap(lambda key: jax.random.fold_in(key, _TEXT_PROMPT))(mask_keys)))
+        use_text = jnp.any(text != 0, axis=1)
+
     remat = jax.checkpoint if config.remat else (lambda f: f)
     chunks = config.mask_chunks
     if m % chunks:
@@ -228,14 +247,16 @@ def interactive_loss(
         if chunks == 1:
             shaped = lambda x: x.reshape((b, m) + x.shape[1:])
             logits, iou = decode(image_embeddings, shaped(coords), shaped(labels),
-                                 None if mask_inputs is None else shaped(mask_inputs), multimask)
+                                 None if mask_inputs is None else shaped(mask_inputs), multimask,
+                                 *(() if text is None else (shaped(text),)))
             return logits.reshape((k,) + logits.shape[2:]), iou.reshape(k, -1)
         # (K, ...) -> (chunks, B, M / chunks, ...): chunk c holds masks c * M / chunks.. of every image
         split = lambda x: jnp.moveaxis(x.reshape((b, chunks, m // chunks) + x.shape[1:]), 1, 0)
         merge = lambda x: jnp.moveaxis(x, 0, 1).reshape((k,) + x.shape[3:])
-        chunk = remat(lambda args: decode(image_embeddings, *args, multimask))
-        logits, iou = jax.lax.map(chunk, (split(coords), split(labels),
-                                          None if mask_inputs is None else split(mask_inputs)))
+        chunk = remat(lambda args: decode(image_embeddings, *args[:3], multimask, *args[3:]))
+        maybe = lambda x: None if x is None else split(x)
+        texts = () if text is None else (split(text),)
+        logits, iou = jax.lax.map(chunk, (split(coords), split(labels), maybe(mask_inputs), *texts))
         return merge(logits), merge(iou)
 
     def loss_of(logits, iou):
@@ -255,7 +276,8 @@ def interactive_loss(
         total, metrics = loss_of(logits, iou)
         return total, metrics, jax.lax.stop_gradient(_best(logits, iou))
 
-    coords, labels = initial_prompts(mask_keys, targets, batch["boxes"].reshape(k, 4), image_hw, image_size, config)
+    coords, labels = initial_prompts(mask_keys, targets, batch["boxes"].reshape(k, 4), image_hw, image_size, config,
+                                     use_text)
     total, first_metrics, previous = first_iteration(coords, labels)
     if config.num_iterations == 1:
         return total, jax.tree.map(lambda x: x[None], first_metrics)
@@ -290,5 +312,5 @@ def interactive_loss(
 def make_decode(model: Sam, params) -> DecodeFn:
     """DecodeFn of a `Sam` model and its params: `modeling.decode_batch` without box prompts
     (boxes travel as corner points in the point buffer)."""
-    return lambda embeddings, coords, labels, mask_inputs, multimask: decode_batch(
-        model, params, embeddings, coords, labels, None, mask_inputs, multimask)
+    return lambda embeddings, coords, labels, mask_inputs, multimask, text=None: decode_batch(
+        model, params, embeddings, coords, labels, None, mask_inputs, multimask, text)

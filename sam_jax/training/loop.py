@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sam_jax.clip import CLIP
+from sam_jax.clip.checkpoint import load_clip
 from sam_jax.data.pipeline import DEFAULT_DATA_DIR, InputPipeline, PipelineConfig, evaluation_batches, open_source
 from sam_jax.evaluation import point_protocol
 from sam_jax.host import cpu_model, matmul_rate
@@ -152,6 +154,18 @@ def initial_params(config: TrainConfig, model: Sam):
     )["params"]
 
 
+def text_prompt_tower(config: TrainConfig) -> tuple[Optional[CLIP], Any]:
+    """The CLIP module and the frozen train-state params of text-prompt training:
+    (None, None) without it, else (CLIP, {"clip": its image tower's params})."""
+    if config.interactive.text.probability == 0:
+        return None, None
+    clip_config, clip_params = load_clip(config.clip_checkpoint)
+    if clip_config.embed_dim != config.model.text_embed_dim:
+        raise TrainingError(f"clip_checkpoint {config.clip_checkpoint} embeds to {clip_config.embed_dim} dims, the "
+                            f"model's text head takes model.text_embed_dim={config.model.text_embed_dim}")
+    return CLIP(clip_config), {"clip": {"visual": clip_params["visual"], "logit_scale": clip_params["logit_scale"]}}
+
+
 def evaluate(config: TrainConfig, model: Sam, params, eval_source, progress: bool = False) -> Dict[str, Any]:
     """The point protocol on the held-out split at the training resolution; its summary."""
     from tqdm import tqdm
@@ -184,7 +198,8 @@ def train_and_evaluate(config: TrainConfig, workdir: Path, data_dir: str = DEFAU
     # process 0 records it.
     matmul_gflops_per_s = round(matmul_rate(2048, 5) / 1e9, 1) if jax.process_index() == 0 else 0.0
     model = build_model(config)
-    state = create_train_state(initial_params(config, model), config.optimizer, config.model, config.seed)
+    clip, frozen = text_prompt_tower(config)
+    state = create_train_state(initial_params(config, model), config.optimizer, config.model, config.seed, frozen)
     parallel = PARALLEL[config.parallelism](jax.eval_shape(lambda: state))
     compiled_steps: Dict[Any, Any] = {}  # InteractiveConfig -> (compiled step, XLA FLOPs per step)
 
@@ -192,7 +207,7 @@ def train_and_evaluate(config: TrainConfig, workdir: Path, data_dir: str = DEFAU
         """The compiled step of the loop that step `step_number` trains (compiled on first use)."""
         interactive = config.interactive_at(step_number)
         if interactive not in compiled_steps:
-            step = parallel.train_step(model, config.optimizer, interactive)
+            step = parallel.train_step(model, config.optimizer, interactive, clip)
             compiled_steps[interactive] = compile_step(step, state, batch)
         return compiled_steps[interactive]
 

@@ -16,7 +16,7 @@ FSDP state as global arrays, the pmap state as one replica's host copy).
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import jax
 import numpy as np
@@ -24,6 +24,7 @@ from flax import jax_utils
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from sam_jax.clip import CLIP
 from sam_jax.modeling import Sam
 from sam_jax.training.interactive import InteractiveConfig
 from sam_jax.training.optimizer import OptimizerConfig
@@ -51,8 +52,9 @@ class FsdpParallel:
         """A host (or single-device) state -> the state the step takes."""
         return jax.device_put(state, self.shardings)
 
-    def train_step(self, model: Sam, optimizer_config: OptimizerConfig, interactive: InteractiveConfig):
-        step = make_train_step(model, optimizer_config, interactive, fsdp_mesh=self.mesh)
+    def train_step(self, model: Sam, optimizer_config: OptimizerConfig, interactive: InteractiveConfig,
+                   clip: Optional[CLIP] = None):
+        step = make_train_step(model, optimizer_config, interactive, fsdp_mesh=self.mesh, clip=clip)
         return sharded_train_step(step, self.state_shapes, self.mesh, self.axis)[0]
 
     def batch(self, batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
@@ -90,8 +92,10 @@ class PmapParallel:
     def place(self, state: TrainState) -> TrainState:
         return replicate_for_pmap(jax.device_get(state), self.devices, self.axis)
 
-    def train_step(self, model: Sam, optimizer_config: OptimizerConfig, interactive: InteractiveConfig):
-        return pmap_train_step(make_train_step(model, optimizer_config, interactive, axis_name=self.axis), self.axis)
+    def train_step(self, model: Sam, optimizer_config: OptimizerConfig, interactive: InteractiveConfig,
+                   clip: Optional[CLIP] = None):
+        return pmap_train_step(make_train_step(model, optimizer_config, interactive, axis_name=self.axis, clip=clip),
+                               self.axis)
 
     def batch(self, batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
         """(B, ...) global arrays sharded on B -> (this process's devices, B / devices, ...),

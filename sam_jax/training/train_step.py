@@ -36,10 +36,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sam_jax.clip import CLIP
 from sam_jax.configs import SamConfig
 from sam_jax.modeling import Sam, preprocess_padded
 from sam_jax.training.interactive import InteractiveConfig, interactive_loss, make_decode, masks_for_loop
 from sam_jax.training.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+from sam_jax.training.text_prompts import crop_embedder
 
 
 _DROPOUT_STREAM = 2**31 - 1  # image indices fold in below this
@@ -53,15 +55,20 @@ class TrainState:
     rng: jax.Array  # (2,) uint32 base key; each step folds in its number
     nonfinite_in_a_row: jax.Array  # () int32
     nonfinite_total: jax.Array  # () int32
+    # Params the step uses but does not train: {"clip": CLIP image-tower params} for text-prompt
+    # training (`interactive.text`), else None.
+    frozen: Any = None
 
 
-def create_train_state(params, optimizer_config: OptimizerConfig, model_config: SamConfig, seed: int) -> TrainState:
-    """Step 0: `params`, the optimizer state of `make_optimizer(optimizer_config, ...)`, the base key."""
+def create_train_state(params, optimizer_config: OptimizerConfig, model_config: SamConfig, seed: int,
+                       frozen: Any = None) -> TrainState:
+    """Step 0: `params`, the optimizer state of `make_optimizer(optimizer_config, ...)`, the base key,
+    and the `frozen` params (see TrainState)."""
     zero = lambda: jnp.zeros((), jnp.int32)
     optimizer = make_optimizer(optimizer_config, params, model_config)
     state = TrainState(
         step=zero(), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed),
-        nonfinite_in_a_row=zero(), nonfinite_total=zero(),
+        nonfinite_in_a_row=zero(), nonfinite_total=zero(), frozen=frozen,
     )
     # Every leaf its own buffer (optax may share one zero between counters): the step donates the state.
     return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
@@ -79,6 +86,7 @@ def make_train_step(
     *,
     axis_name: Optional[str] = None,
     fsdp_mesh: Optional[Mesh] = None,
+    clip: Optional[CLIP] = None,
 ) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict[str, jax.Array]]]:
     """The step as a pure function. `axis_name` names the pmap axis (None under jit);
     `fsdp_mesh` the mesh whose devices hold FSDP shards of the state (`sharded_train_step`):
@@ -91,8 +99,18 @@ def make_train_step(
     mask_valid; see `sam_jax.data.preprocess`), B images on this call.
     metrics: per-iteration "loss", "focal", "dice", "iou_loss", "miou"
     (num_iterations,), "total_loss", "grad_norm", "learning_rate", "skipped".
+    `interactive.text.probability` > 0 (text-prompt training) needs a model with a text head,
+    `clip` (the CLIP module) and its params in `state.frozen["clip"]`.
     """
     image_size = model.config.image_size
+    text_training = interactive.text.probability > 0
+    if text_training and (clip is None or not model.config.has_text_prompts):
+        raise ValueError("interactive.text.probability > 0 trains text prompts: it needs a model with a text head "
+                         f"(model {model.config.name!r} has text_embed_dim={model.config.text_embed_dim}) and a "
+                         f"CLIP model (clip={'given' if clip is not None else 'None'})")
+    if text_training and clip.config.embed_dim != model.config.text_embed_dim:
+        raise ValueError(f"CLIP {clip.config.name!r} embeds to {clip.config.embed_dim} dims, the model's text head "
+                         f"takes {model.config.text_embed_dim}")
     freeze_image_encoder = optimizer_config.freeze_image_encoder
     learning_rate = learning_rate_schedule(optimizer_config)
 
@@ -110,6 +128,16 @@ def make_train_step(
         if axis_name is not None:  # drop-path masks are drawn per device (the one draw not split per image)
             dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
 
+        text_prompts = None
+        if text_training:
+            if state.frozen is None or "clip" not in state.frozen:
+                raise ValueError('text-prompt training needs the CLIP params in state.frozen["clip"]')
+            clip_params = state.frozen["clip"]
+            if fsdp_mesh is not None:
+                clip_params = jax.lax.with_sharding_constraint(clip_params, NamedSharding(fsdp_mesh, PartitionSpec()))
+            text_prompts = crop_embedder(clip, clip_params, batch["image"], batch["masks_low_res"], batch["boxes"],
+                                         batch["mask_valid"], interactive.text)
+
         def loss_fn(params):
             if fsdp_mesh is not None:  # all-gather here; the gradient's transpose is a reduce-scatter
                 params = jax.lax.with_sharding_constraint(params, NamedSharding(fsdp_mesh, PartitionSpec()))
@@ -120,7 +148,8 @@ def make_train_step(
             if freeze_image_encoder:
                 embeddings = jax.lax.stop_gradient(embeddings)
             return interactive_loss(
-                make_decode(model, params), embeddings, batch, image_keys, interactive, image_size, num_valid
+                make_decode(model, params), embeddings, batch, image_keys, interactive, image_size, num_valid,
+                text_prompts,
             )
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
