@@ -18,12 +18,16 @@ iterations; bf16 compute. The optimizer half is `PAPER_RECIPES`.
 
 from __future__ import annotations
 
+import dataclasses
+
+from sam_jax.clip import CLIP_CONFIGS
 from sam_jax.configs import CONFIGS as MODEL_CONFIGS
 from sam_jax.configs import ImageEncoderConfig, SamConfig
 from sam_jax.data.preprocess import PreprocessConfig
 from sam_jax.training.config import DataConfig, TrainConfig, apply_overrides
 from sam_jax.training.interactive import InteractiveConfig
 from sam_jax.training.optimizer import PAPER_RECIPES, OptimizerConfig
+from sam_jax.training.text_prompts import TextPromptConfig
 
 
 # A 1.2M-parameter SAM: every structural feature of the released models (windowed and
@@ -61,6 +65,23 @@ def synthetic_cpu() -> TrainConfig:
         single_prompt_steps=1_500,
         log_every=10,
         checkpoint_every=250,
+    )
+
+
+TEXT_DEMO_CLIP = "workdir/text_demo/clip/clip"  # written by `experiments.train_clip --workdir workdir/text_demo/clip`
+
+
+def synthetic_text() -> TrainConfig:
+    """The main job with the paper's text-prompt training (appendix D.5) for the text demonstration
+    (`experiments.text_prompt_demo`): the first prompt of half the masks of at least 25^2 input-frame
+    pixels (the paper's 100^2 at 1024) is the tiny CLIP's embedding of a crop around it; the model
+    never sees text. Needs the tiny CLIP of `experiments.train_clip` at TEXT_DEMO_CLIP."""
+    config = synthetic_cpu()
+    return dataclasses.replace(
+        config,
+        model=dataclasses.replace(SYNTHETIC_MODEL, name="vit_synthetic_text", text_embed_dim=CLIP_CONFIGS["tiny"].embed_dim),
+        interactive=dataclasses.replace(config.interactive, text=TextPromptConfig(probability=0.5, min_area=625)),
+        clip_checkpoint=TEXT_DEMO_CLIP,
     )
 
 
@@ -113,6 +134,7 @@ def _paper(model: str, batch_size: int, drop_path_rate: float) -> TrainConfig:
 CONFIGS = {
     "synthetic_cpu": synthetic_cpu,
     "synthetic_smoke": synthetic_smoke,
+    "synthetic_text": synthetic_text,
     "vit_b": lambda: _paper("vit_b", 128, 0.6),
     "vit_l": lambda: _paper("vit_l", 128, 0.4),
     "vit_h": lambda: _paper("vit_h", 256, 0.4),

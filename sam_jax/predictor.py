@@ -147,14 +147,22 @@ class SamPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         text: Optional[Sequence[str]] = None,
+        text_embeddings: Optional[np.ndarray] = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """B prompts on the set image at once (the official `predict_torch`, but in the
         original image's frame): point_coords (B, N, 2), point_labels (B, N),
         boxes (B, 4), mask_input (B, 1, 256, 256), text B phrases (prompt b
-        takes the b-th of each given kind). Returns (B, C, H, W) masks,
-        (B, C) IoU predictions and (B, C, 256, 256) low-res logits."""
+        takes the b-th of each given kind), or instead of text, text_embeddings
+        (B, E): CLIP embeddings computed elsewhere (a mask crop's image embedding,
+        as in training; L2-normalised, no text_encoder needed). Returns (B, C, H, W)
+        masks, (B, C) IoU predictions and (B, C, 256, 256) low-res logits."""
         self._require_image()
-        embeddings = self.embed_text(text)
+        if text_embeddings is None:
+            embeddings = self.embed_text(text)
+        elif text is not None:
+            raise ValueError("give text or text_embeddings, not both")
+        else:
+            embeddings = check_text_embeddings(self.model.config, text_embeddings)
         num_texts = None if embeddings is None else len(embeddings)
         prompts = check_prompts(self.model.config, point_coords, point_labels, boxes, mask_input, num_texts)
         b, n = prompt_counts(*prompts, num_texts=num_texts)
@@ -187,6 +195,20 @@ def require_text_prompts(config, text_encoder) -> None:
     if text_encoder is None:
         raise ValueError("text prompt given, but no text_encoder: pass a sam_jax.clip.ClipTextEncoder "
                          "(e.g. ClipTextEncoder.from_directory(clip_checkpoint)) to the predictor")
+
+
+def check_text_embeddings(config, embeddings) -> np.ndarray:
+    """(B, E) finite float32 CLIP embeddings for the model's text-prompt head, or ValueError naming
+    the problem (no head, shape, non-finite values, zero rows: a zero row means no prompt)."""
+    if not config.has_text_prompts:
+        raise ValueError(f"text_embeddings given, but model {config.name!r} was not trained with text prompts "
+                         "(config.text_embed_dim is None: its checkpoint has no text-prompt head)")
+    embeddings = np.asarray(embeddings, np.float32)
+    if embeddings.ndim != 2 or embeddings.shape[1] != config.text_embed_dim or not len(embeddings):
+        raise ValueError(f"text_embeddings must be (B, {config.text_embed_dim}); got shape {embeddings.shape}")
+    if not np.isfinite(embeddings).all() or not np.any(embeddings, axis=1).all():
+        raise ValueError("text_embeddings must be finite, non-zero rows (a zero row is no prompt)")
+    return embeddings
 
 
 def check_text_encoder(config, text_encoder) -> None:

@@ -60,14 +60,15 @@ def test_crop_embedding_equals_clip_on_the_hand_cut_crop():
     params = init_clip_params(TINY_CLIP, seed=1)
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (1, 256, 256, 3), dtype=np.uint8)
-    masks = np.zeros((1, 2, 64, 64), bool)
+    masks = np.zeros((1, 3, 64, 64), bool)  # the third: padding (empty, not valid), as the pipeline pads
     masks[0, 0, 6:18, 10:22] = True  # pixels 24:72 x 40:88
     masks[0, 1, 30:40, 30:50] = True
-    boxes = np.array([[[32.0, 16.0, 96.0, 80.0], [120.0, 120.0, 200.0, 160.0]]], np.float32)
+    boxes = np.array([[[32.0, 16.0, 96.0, 80.0], [120.0, 120.0, 200.0, 160.0], [0, 0, 0, 0]]], np.float32)
     config = TextPromptConfig(probability=1.0, expand_range=(1.0, 1.0), zero_outside_probability=1.0)
     embed = crop_embedder(clip, params, jnp.asarray(images), jnp.asarray(masks), jnp.asarray(boxes),
-                          jnp.ones((1, 2), bool), config)
-    got = np.asarray(embed(jax.random.split(jax.random.PRNGKey(2), 2)))
+                          jnp.array([[True, True, False]]), config)
+    got = np.asarray(embed(jax.random.split(jax.random.PRNGKey(2), 3)))  # eagerly: no empty-region error
+    assert not got[2].any()
     region = np.repeat(np.repeat(masks[0, 0], 4, 0), 4, 1)[16:80, 32:96]
     crop = np.where(region[..., None], images[0, 16:80, 32:96], 0)
     want = clip.apply({"params": params}, preprocess(crop[None]), jnp.asarray(region[None]),
@@ -76,8 +77,8 @@ def test_crop_embedding_equals_clip_on_the_hand_cut_crop():
     assert np.linalg.norm(got[1]) == pytest.approx(1.0, abs=1e-5)
     # The frozen tower's params are only read: the prompt has no gradient into them.
     grads = jax.grad(lambda p: jnp.sum(crop_embedder(clip, p, jnp.asarray(images), jnp.asarray(masks),
-                                                     jnp.asarray(boxes), jnp.ones((1, 2), bool),
-                                                     config)(jax.random.split(jax.random.PRNGKey(2), 2))))(params)
+                                                     jnp.asarray(boxes), jnp.array([[True, True, False]]),
+                                                     config)(jax.random.split(jax.random.PRNGKey(2), 3))))(params)
     assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads))
 
 

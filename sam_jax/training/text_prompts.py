@@ -106,6 +106,8 @@ def crop_embedder(clip: CLIP, clip_params: Any, images: jax.Array, masks: jax.Ar
         zero = jax.vmap(lambda key: jax.random.bernoulli(jax.random.fold_in(key, _ZERO_OUTSIDE),
                                                          config.zero_outside_probability))(keys)
         crops = jnp.where(zero[:, None, None, None] & ~regions[..., None], 0.0, crops)
+        # A padding mask's crop holds none of it: CLIP sees the whole crop (its row is dropped below).
+        regions = regions | ~jnp.any(regions, axis=(1, 2), keepdims=True)
         params = jax.lax.stop_gradient(clip_params)
         embeddings = clip.apply({"params": params}, clip_preprocess(crops), regions, method=CLIP.encode_image)
         return jnp.where(use[:, None], embeddings, 0.0)
