@@ -75,7 +75,8 @@ from sam_jax.clip import CLIP, CLIP_CONFIGS, ClipTokenizer, init_clip_params, pr
 from sam_jax.data import captions as captions_lib
 from sam_jax.data.builders.sam_synthetic import SPLIT_CODES, SamSynthetic, example_scene
 from sam_jax.data.preprocess import PreprocessConfig, sample_geometry
-from sam_jax.training.text_prompts import _ZERO_OUTSIDE, TextPromptConfig, crop_windows, sample_crop
+from sam_jax.clip.crops import crop_windows, sample_crop
+from sam_jax.training.text_prompts import ZERO_OUTSIDE_STREAM, TextPromptConfig
 
 CLIP_CONFIG = "tiny"
 DATASET = "sam_synthetic/cpu"
@@ -184,10 +185,10 @@ def prompt_crops(images: jax.Array, low_res: jax.Array, boxes: jax.Array, keys: 
     """SAM's training-prompt crops (`sam_jax.training.text_prompts.crop_embedder`'s recipe, same key
     use): images (K, S, S, 3) uint8 / float in [0, 255], low_res (K, L, L) bool, boxes (K, 4), keys
     (K,) -> (crops (K, size, size, 3) float in [0, 255], regions (K, size, size) bool)."""
-    windows = crop_windows(keys, boxes, config)
+    windows = crop_windows(keys, boxes, config.expand_range)
     crops, regions = jax.vmap(lambda image, mask, window: sample_crop(image.astype(jnp.float32), mask, window, size))(
         images, low_res, windows)
-    zero = jax.vmap(lambda key: jax.random.bernoulli(jax.random.fold_in(key, _ZERO_OUTSIDE),
+    zero = jax.vmap(lambda key: jax.random.bernoulli(jax.random.fold_in(key, ZERO_OUTSIDE_STREAM),
                                                      config.zero_outside_probability))(keys)
     crops = jnp.where(zero[:, None, None, None] & ~regions[..., None], 0.0, crops)
     return crops, regions

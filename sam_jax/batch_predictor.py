@@ -28,8 +28,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sam_jax.modeling import Sam, decode_batch, encode_images, upsample_masks
-from sam_jax.predictor import check_text_encoder, require_text_prompts
-from sam_jax.prompts import bucket, check_prompts, pad_text, prompt_counts, to_input_frame
+from sam_jax.prompts import (bucket, check_prompts, check_text_encoder, pad_text, prompt_counts, require_text_prompts,
+                             to_input_frame)
 from sam_jax.utils.transforms import ResizeLongestSide, to_input_batch
 
 if TYPE_CHECKING:

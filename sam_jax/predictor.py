@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_jax.modeling import Sam, decode_prompts, encode_images
-from sam_jax.prompts import bucket, check_prompts, pad_text, prompt_counts, to_input_frame
+from sam_jax.prompts import (bucket, check_prompts, check_text_embeddings, check_text_encoder, pad_text, prompt_counts,
+                             require_text_prompts, to_input_frame)
 from sam_jax.utils.transforms import ResizeLongestSide, as_rgb, pad_to_square
 
 if TYPE_CHECKING:
@@ -185,43 +186,6 @@ class SamPredictor:
     def _require_image(self) -> None:
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
-
-
-def require_text_prompts(config, text_encoder) -> None:
-    """ValueError unless text prompts can be decoded: a model with a text-prompt head and an encoder."""
-    if not config.has_text_prompts:
-        raise ValueError(f"text prompt given, but model {config.name!r} was not trained with text prompts "
-                         "(config.text_embed_dim is None: its checkpoint has no text-prompt head)")
-    if text_encoder is None:
-        raise ValueError("text prompt given, but no text_encoder: pass a sam_jax.clip.ClipTextEncoder "
-                         "(e.g. ClipTextEncoder.from_directory(clip_checkpoint)) to the predictor")
-
-
-def check_text_embeddings(config, embeddings) -> np.ndarray:
-    """(B, E) finite float32 CLIP embeddings for the model's text-prompt head, or ValueError naming
-    the problem (no head, shape, non-finite values, zero rows: a zero row means no prompt)."""
-    if not config.has_text_prompts:
-        raise ValueError(f"text_embeddings given, but model {config.name!r} was not trained with text prompts "
-                         "(config.text_embed_dim is None: its checkpoint has no text-prompt head)")
-    embeddings = np.asarray(embeddings, np.float32)
-    if embeddings.ndim != 2 or embeddings.shape[1] != config.text_embed_dim or not len(embeddings):
-        raise ValueError(f"text_embeddings must be (B, {config.text_embed_dim}); got shape {embeddings.shape}")
-    if not np.isfinite(embeddings).all() or not np.any(embeddings, axis=1).all():
-        raise ValueError("text_embeddings must be finite, non-zero rows (a zero row is no prompt)")
-    return embeddings
-
-
-def check_text_encoder(config, text_encoder) -> None:
-    """ValueError unless `text_encoder` (None, or a ClipTextEncoder) fits the model's text-prompt head."""
-    if text_encoder is None:
-        return
-    if not config.has_text_prompts:
-        raise ValueError(f"a text_encoder was given, but model {config.name!r} was not trained with text "
-                         "prompts (config.text_embed_dim is None: its checkpoint has no text-prompt head)")
-    if text_encoder.embed_dim != config.text_embed_dim:
-        raise ValueError(f"text_encoder makes {text_encoder.embed_dim}-dim embeddings (CLIP "
-                         f"{text_encoder.config.name!r}), but model {config.name!r}'s text-prompt head takes "
-                         f"{config.text_embed_dim}-dim ones (config.text_embed_dim)")
 
 
 def _fits(shape: tuple, wanted: tuple) -> bool:

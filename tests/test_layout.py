@@ -19,6 +19,7 @@ LAYERS = [
               "sam_jax.image_io", "sam_jax.folder_runner", "sam_jax.staging", "sam_jax.utils", "sam_jax.data"]),
     ("model", ["sam_jax.modeling"]),
     ("core", ["sam_jax.prompts", "sam_jax.weights"]),
+    ("text encoder", ["sam_jax.clip"]),
     ("front ends", ["sam_jax.predictor", "sam_jax.batch_predictor", "sam_jax.automatic_mask_generator",
                     "sam_jax.evaluation"]),
     ("training", ["sam_jax.training"]),

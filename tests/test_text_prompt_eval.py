@@ -18,7 +18,6 @@ from sam_jax.evaluation.clicks import next_click
 from sam_jax.evaluation.text_prompts import PROMPTS, CaptionedImage, crop_embeddings, evaluate_text_prompts
 from sam_jax.modeling import Sam
 from sam_jax.predictor import SamPredictor
-from sam_jax.training.text_prompts import TextPromptConfig
 
 CLIP_CONFIG = CLIP_CONFIGS["tiny"]
 SAM_CONFIG = dataclasses.replace(CONFIGS["vit_tiny"], name="vit_tiny_text", text_embed_dim=CLIP_CONFIG.embed_dim)
@@ -43,8 +42,7 @@ def test_crop_embedding_of_an_aligned_square_is_clip_of_the_cut(models):
     mask = np.zeros((1, 96, 128), bool)
     mask[0, 20:84, 40:104] = True  # its box is 64 x 64: CLIP's size, so the crop is a pixel copy
     mask[0, 30:40, 50:60] = False
-    exact = TextPromptConfig(probability=1.0, expand_range=(1.0, 1.0), zero_outside_probability=0.0)
-    got = crop_embeddings(clip, params, image, mask, exact)
+    got = crop_embeddings(clip, params, image, mask, expand_range=(1.0, 1.0))
     want = clip.apply({"params": params}, preprocess(image[None, 20:84, 40:104]), jnp.asarray(mask[:, 20:84, 40:104]),
                       method=CLIP.encode_image)
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-6)

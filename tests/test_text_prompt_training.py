@@ -15,8 +15,8 @@ from sam_jax.clip import CLIP, CLIP_CONFIGS, init_clip_params, preprocess
 from sam_jax.modeling import Sam
 from sam_jax.modeling.prompt_encoder import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, FOREGROUND, PADDING
 from sam_jax.training.interactive import InteractiveConfig, initial_prompts
-from sam_jax.training.text_prompts import (TextPromptConfig, chosen_for_text, crop_embedder, crop_windows,
-                                           sample_crop)
+from sam_jax.clip.crops import crop_windows, sample_crop
+from sam_jax.training.text_prompts import TextPromptConfig, chosen_for_text, crop_embedder
 from sam_jax.training.train_step import create_train_state, make_train_step
 from test_train_step import make_batch, micro_config, setup
 
@@ -26,9 +26,9 @@ TINY_CLIP = CLIP_CONFIGS["tiny"]
 def test_crop_windows_are_squares_on_the_longer_side():
     keys = jax.random.split(jax.random.PRNGKey(0), 200)
     boxes = jnp.tile(jnp.array([[10.0, 20.0, 30.0, 60.0]]), (200, 1))  # 20 wide, 40 high, centre (20, 40)
-    exact = crop_windows(keys[:1], boxes[:1], TextPromptConfig(expand_range=(1.0, 1.0)))
+    exact = crop_windows(keys[:1], boxes[:1], (1.0, 1.0))
     np.testing.assert_allclose(np.asarray(exact), [[0.0, 20.0, 40.0]])
-    windows = np.asarray(crop_windows(keys, boxes, TextPromptConfig()))
+    windows = np.asarray(crop_windows(keys, boxes, TextPromptConfig().expand_range))
     side = windows[:, 2]
     assert side.min() >= 40.0 and side.max() <= 80.0 and side.max() - side.min() > 20.0  # factor in [1, 2]
     np.testing.assert_allclose(windows[:, 0] + side / 2, 20.0, rtol=1e-6)  # centred on the box

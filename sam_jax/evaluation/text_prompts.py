@@ -12,8 +12,7 @@ For every object of an image that carries a caption no other object of the image
   random_embedding  a random unit vector in the text's place (the control: what the head does
                     with an embedding that names nothing)
   crop_embedding    the CLIP image embedding of a crop around the object made as in training
-                    (`sam_jax.training.text_prompts`, with the box expanded 1.5x and no blacking
-                    out): what the model was trained on, so the ceiling of a perfectly aligned
+                    (`sam_jax.clip.crops`, with the box expanded 1.5x and no blacking out): what the model was trained on, so the ceiling of a perfectly aligned
                     text embedding
 """
 
@@ -27,14 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_jax.clip import CLIP
+from sam_jax.clip.crops import crop_windows, sample_crop
 from sam_jax.clip.model import preprocess as clip_preprocess
 from sam_jax.evaluation.clicks import next_click
 from sam_jax.metrics import mask_iou
 from sam_jax.modeling.prompt_encoder import FOREGROUND
-from sam_jax.training.text_prompts import TextPromptConfig, crop_windows, sample_crop
 
 PROMPTS = ("text", "text_1_click", "point", "point_2_clicks", "random_embedding", "crop_embedding")
-ORACLE_CROP = TextPromptConfig(probability=1.0, expand_range=(1.5, 1.5), zero_outside_probability=0.0)
+ORACLE_EXPAND = (1.5, 1.5)  # the box expansion of the crop embedding: the middle of training's U[1, 2]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +62,7 @@ def _box(mask: np.ndarray) -> np.ndarray:
 
 
 def crop_embeddings(clip: CLIP, clip_params: Any, image: np.ndarray, masks: np.ndarray,
-                    config: TextPromptConfig = ORACLE_CROP) -> np.ndarray:
+                    expand_range: tuple[float, float] = ORACLE_EXPAND) -> np.ndarray:
     """(K, E) CLIP image embeddings of crops around K masks (K, H, W) of `image` (H, W, 3), made by
     the training recipe on the image zero-padded to a square, as the input frame pads it."""
     h, w = masks.shape[1:]
@@ -74,7 +73,7 @@ def crop_embeddings(clip: CLIP, clip_params: Any, image: np.ndarray, masks: np.n
     square_masks[:, :h, :w] = masks
     boxes = np.stack([_box(m) for m in masks])
     keys = jax.random.split(jax.random.PRNGKey(0), len(masks))
-    windows = crop_windows(keys, jnp.asarray(boxes), config)
+    windows = crop_windows(keys, jnp.asarray(boxes), expand_range)
     size = clip.config.vision.image_size
     crops, regions = jax.vmap(lambda m, wdw: sample_crop(jnp.asarray(square), m, wdw, size))(
         jnp.asarray(square_masks), windows)

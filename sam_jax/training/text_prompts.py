@@ -1,7 +1,7 @@
 """The paper's text-prompt training (appendix D.5): a mask's first prompt is the CLIP image
 embedding of a crop around it, computed on the device by a frozen CLIP image tower.
 
-Per mask, from its own key: its box is expanded about its centre by a factor drawn
+Per mask, from its own key (the crop: `sam_jax.clip.crops`): its box is expanded about its centre by a factor drawn
 uniformly from `expand_range`, made square on its longer side (the aspect ratio of the
 image is kept) and resampled bilinearly to CLIP's input size (pixels outside the image are
 black); with probability `zero_outside_probability` the pixels outside the mask are zeroed;
@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from sam_jax.clip import CLIP
+from sam_jax.clip.crops import crop_windows, sample_crop
 from sam_jax.clip.model import preprocess as clip_preprocess
 
-_CROP, _ZERO_OUTSIDE, _USE_TEXT = 0, 1, 2  # folded into a mask's text-prompt key
+ZERO_OUTSIDE_STREAM, USE_TEXT_STREAM = 1, 2  # folded into a mask's text-prompt key (0: crop_windows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,36 +50,9 @@ class TextPromptConfig:
             raise ValueError(f"text.min_area must be >= 0, got {self.min_area}")
 
 
-def crop_windows(keys: jax.Array, boxes: jax.Array, config: TextPromptConfig) -> jax.Array:
-    """(K,) keys, (K, 4) XYXY boxes -> (K, 3) square windows (x0, y0, side), input-frame pixels."""
-    factor = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, _CROP), (), jnp.float32,
-                                                     *config.expand_range))(keys)
-    boxes = boxes.astype(jnp.float32)
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    side = jnp.maximum(jnp.max(boxes[:, 2:] - boxes[:, :2], axis=1), 1.0) * factor
-    return jnp.concatenate([centre - side[:, None] / 2, side[:, None]], axis=1)
-
-
-def sample_crop(image: jax.Array, mask: jax.Array, window: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
-    """One crop: image (S, S, 3) float, mask (L, L) bool over the same frame, window (x0, y0, side)
-    -> (size, size, 3) bilinear samples at the crop's pixel centres (0 outside the image) and the
-    (size, size) mask there (nearest low-res cell; False outside)."""
-    s, l = image.shape[0], mask.shape[0]
-    centres = (jnp.arange(size, dtype=jnp.float32) + 0.5) * (window[2] / size)
-    x, y = window[0] + centres, window[1] + centres  # input-frame coordinates
-    yy, xx = jnp.meshgrid(y - 0.5, x - 0.5, indexing="ij")  # pixel i's centre is at i + 0.5
-    channels = [jax.scipy.ndimage.map_coordinates(image[..., c], [yy, xx], order=1, mode="constant", cval=0.0)
-                for c in range(3)]
-    cells = lambda v: jnp.floor(v * (l / s)).astype(jnp.int32)
-    row, col = cells(y)[:, None], cells(x)[None, :]
-    inside = (row >= 0) & (row < l) & (col >= 0) & (col < l)
-    region = inside & mask[jnp.clip(row, 0, l - 1), jnp.clip(col, 0, l - 1)]
-    return jnp.stack(channels, axis=-1), region
-
-
 def chosen_for_text(keys: jax.Array, areas: jax.Array, valid: jax.Array, config: TextPromptConfig) -> jax.Array:
     """(K,) bool: the masks whose first prompt is their crop embedding."""
-    draw = jax.vmap(lambda key: jax.random.bernoulli(jax.random.fold_in(key, _USE_TEXT), config.probability))(keys)
+    draw = jax.vmap(lambda key: jax.random.bernoulli(jax.random.fold_in(key, USE_TEXT_STREAM), config.probability))(keys)
     return draw & valid & (areas >= config.min_area)
 
 
@@ -99,11 +73,11 @@ def crop_embedder(clip: CLIP, clip_params: Any, images: jax.Array, masks: jax.Ar
         flat_masks = masks.reshape(b * m, l, l).astype(bool)
         areas = jnp.sum(flat_masks, axis=(1, 2)) * pixels_per_cell
         use = chosen_for_text(keys, areas, mask_valid.reshape(-1), config)
-        windows = crop_windows(keys, boxes.reshape(b * m, 4), config)
+        windows = crop_windows(keys, boxes.reshape(b * m, 4), config.expand_range)
         owner = jnp.repeat(jnp.arange(b), m)
         crops, regions = jax.vmap(lambda i, mask, window: sample_crop(images[i].astype(jnp.float32), mask, window,
                                                                        size))(owner, flat_masks, windows)
-        zero = jax.vmap(lambda key: jax.random.bernoulli(jax.random.fold_in(key, _ZERO_OUTSIDE),
+        zero = jax.vmap(lambda key: jax.random.bernoulli(jax.random.fold_in(key, ZERO_OUTSIDE_STREAM),
                                                          config.zero_outside_probability))(keys)
         crops = jnp.where(zero[:, None, None, None] & ~regions[..., None], 0.0, crops)
         # A padding mask's crop holds none of it: CLIP sees the whole crop (its row is dropped below).
