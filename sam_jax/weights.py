@@ -142,21 +142,23 @@ def check_values(arrays: Mapping[str, Any], what: str) -> None:
         raise CheckpointError(f"{what}: " + list_keys(problems, limit=4))
 
 
+def _init_inputs(config: SamConfig) -> tuple:
+    """One image and one prompt of every kind: what `Sam.init` needs to create every param
+    (a text-prompt head creates its own)."""
+    s, e = config.image_size, config.embedding_size
+    return (jnp.zeros((1, s, s, 3)), jnp.zeros((1, 1, 2)), jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 4)),
+            jnp.zeros((1, 1, 4 * e, 4 * e)))
+
+
 def abstract_params(config: SamConfig, scan_blocks: bool = False) -> Params:
     """The params tree of `Sam(config)` as ShapeDtypeStructs, without allocating it."""
     model = Sam(config, scan_blocks=scan_blocks)
-    s, e = config.image_size, config.embedding_size
-    variables = jax.eval_shape(
-        lambda: model.init(
-            jax.random.PRNGKey(0),
-            jnp.zeros((1, s, s, 3)),
-            jnp.zeros((1, 1, 2)),
-            jnp.zeros((1, 1), jnp.int32),
-            jnp.zeros((1, 4)),
-            jnp.zeros((1, 1, 4 * e, 4 * e)),
-        )
-    )
-    return variables["params"]
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *_init_inputs(config)))["params"]
+
+
+def init_params(model: Sam, seed: int = 0) -> Params:
+    """Freshly initialised params of `model` (its own layout: looped or scanned)."""
+    return jax.jit(model.init)(jax.random.PRNGKey(seed), *_init_inputs(model.config))["params"]
 
 
 # ----------------------------------------------------------------------------- saving and loading

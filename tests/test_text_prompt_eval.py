@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from sam_jax.evaluation.clicks import next_click
 from sam_jax.evaluation.text_prompts import PROMPTS, CaptionedImage, crop_embeddings, evaluate_text_prompts
 from sam_jax.modeling import Sam
 from sam_jax.predictor import SamPredictor
+from sam_jax.weights import init_params
 
 CLIP_CONFIG = CLIP_CONFIGS["tiny"]
 SAM_CONFIG = dataclasses.replace(CONFIGS["vit_tiny"], name="vit_tiny_text", text_embed_dim=CLIP_CONFIG.embed_dim)
@@ -26,9 +26,7 @@ SAM_CONFIG = dataclasses.replace(CONFIGS["vit_tiny"], name="vit_tiny_text", text
 @pytest.fixture(scope="module")
 def models():
     model = Sam(SAM_CONFIG)
-    s, e = SAM_CONFIG.image_size, SAM_CONFIG.embedding_size
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3)), jnp.zeros((1, 1, 2)),
-                        jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 4)), jnp.zeros((1, 1, 4 * e, 4 * e)))["params"]
+    params = init_params(model)
     clip_params = init_clip_params(CLIP_CONFIG, seed=3)
     predictor = SamPredictor(model, params, text_encoder=ClipTextEncoder(CLIP_CONFIG, clip_params))
     image_params = {"visual": clip_params["visual"], "logit_scale": clip_params["logit_scale"]}

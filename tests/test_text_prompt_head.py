@@ -14,9 +14,9 @@ import pytest
 from sam_jax.configs import CONFIGS, SamConfig
 from sam_jax.errors import CheckpointError
 from sam_jax.modeling import Sam
-from sam_jax.modeling.prompt_encoder import BOX_BOTTOM_RIGHT, FOREGROUND, PADDING, PromptEncoder
+from sam_jax.modeling.prompt_encoder import BOX_BOTTOM_RIGHT, FOREGROUND, PADDING
 from sam_jax.tree_paths import flatten
-from sam_jax.weights import abstract_params, load_params, load_sam, save_params
+from sam_jax.weights import abstract_params, init_params, load_params, load_sam, save_params
 
 E = 24  # CLIP embedding size of the test head
 TEXT = dataclasses.replace(CONFIGS["vit_tiny"], name="vit_tiny_text", text_embed_dim=E)
@@ -25,9 +25,8 @@ TEXT = dataclasses.replace(CONFIGS["vit_tiny"], name="vit_tiny_text", text_embed
 @pytest.fixture(scope="module")
 def text_model():
     model = Sam(TEXT)
-    s, e = TEXT.image_size, TEXT.embedding_size
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3)), jnp.zeros((1, 1, 2)),
-                        jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 4)), jnp.zeros((1, 1, 4 * e, 4 * e)))["params"]
+    params = init_params(model)
+    e = TEXT.embedding_size
     embedding = jax.random.normal(jax.random.PRNGKey(1), (1, e, e, TEXT.prompt_embed_dim))
     return model, params, embedding
 

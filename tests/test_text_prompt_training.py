@@ -18,6 +18,7 @@ from sam_jax.training.interactive import InteractiveConfig, initial_prompts
 from sam_jax.clip.crops import crop_windows, sample_crop
 from sam_jax.training.text_prompts import TextPromptConfig, chosen_for_text, crop_embedder
 from sam_jax.training.train_step import create_train_state, make_train_step
+from sam_jax.weights import init_params
 from test_train_step import make_batch, micro_config, setup
 
 TINY_CLIP = CLIP_CONFIGS["tiny"]
@@ -114,9 +115,7 @@ def text_setup_values():
     _, opt_config, _, _ = setup()
     config = dataclasses.replace(micro_config(), text_embed_dim=TINY_CLIP.embed_dim)
     model = Sam(config)
-    n, low = config.image_size, config.low_res_mask_size
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, n, n, 3)), jnp.zeros((1, 1, 2)), jnp.ones((1, 1)),
-                        jnp.zeros((1, 4)), jnp.zeros((1, 1, low, low)))["params"]
+    params = init_params(model)
     clip_params = init_clip_params(TINY_CLIP, seed=5)
     frozen = {"clip": {"visual": clip_params["visual"], "logit_scale": clip_params["logit_scale"]}}
     return model, opt_config, params, frozen

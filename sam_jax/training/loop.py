@@ -31,7 +31,6 @@ from typing import Any, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sam_jax.clip import CLIP
 from sam_jax.clip.checkpoint import load_clip
@@ -45,7 +44,7 @@ from sam_jax.training.metrics_log import MetricsLog, eval_row, summarize_window
 from sam_jax.training.parallel import PARALLEL, gather_data_states
 from sam_jax.training.state_checkpoints import TrainStateCheckpointer
 from sam_jax.training.train_step import create_train_state
-from sam_jax.weights import load_params, save_params
+from sam_jax.weights import init_params, load_params, save_params
 
 CONFIG_FILE = "config.json"
 MODEL_DIR = "model"
@@ -147,11 +146,7 @@ def initial_params(config: TrainConfig, model: Sam):
                 f"trains {config.model.name}; use the matching --config or model"
             )
         return params
-    n, low = config.model.image_size, config.model.low_res_mask_size
-    return jax.jit(model.init)(
-        jax.random.PRNGKey(config.seed), jnp.zeros((1, n, n, 3)), jnp.zeros((1, 1, 2)), jnp.ones((1, 1), jnp.int32),
-        jnp.zeros((1, 4)), jnp.zeros((1, 1, low, low)),
-    )["params"]
+    return init_params(model, config.seed)
 
 
 def text_prompt_tower(config: TrainConfig) -> tuple[Optional[CLIP], Any]:
