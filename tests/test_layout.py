@@ -21,7 +21,7 @@ LAYERS = [
     ("core", ["sam_jax.prompts", "sam_jax.weights"]),
     ("text encoder", ["sam_jax.clip"]),
     ("front ends", ["sam_jax.predictor", "sam_jax.batch_predictor", "sam_jax.automatic_mask_generator",
-                    "sam_jax.evaluation"]),
+                    "sam_jax.evaluation", "sam_jax.data_engine"]),
     ("training", ["sam_jax.training"]),
     ("deployment", ["sam_jax.serve", "sam_jax.export"]),
     ("command line", ["sam_jax.cli", "sam_jax"]),

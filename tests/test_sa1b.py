@@ -449,6 +449,41 @@ def test_duplicate_image_in_tar_and_folder(tmp_path):
     assert policy.report()["skipped"] == {"duplicate_image": 1}
 
 
+def as_png(fake: Fake) -> Fake:
+    """The fake with its image stored as a PNG (`sa_<id>.png`), as the data engine stores images."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(fake.jpg)).convert("RGB").save(buffer, format="PNG")
+    record = json.loads(fake.json)
+    record["image"]["file_name"] = fake.stem + ".png"
+    return dataclasses.replace(fake, jpg=buffer.getvalue(), record=record)
+
+
+def test_png_images_in_tar_and_folder(tmp_path):
+    images = [as_png(f) for f in fakes(ids=(1, 2, 3, 4), sizes=((24, 32), (32, 24), (20, 20), (16, 18)))]
+    png_members = [(name.replace(".jpg", ".png"), data) for name, data in members(images[:2], json_first={"sa_2"})]
+    (tmp_path / TAR).write_bytes(tar_bytes(png_members))
+    folder = tmp_path / "engine"
+    folder.mkdir()
+    for f in images[2:]:
+        (folder / f"{f.stem}.png").write_bytes(f.jpg)
+        (folder / f"{f.stem}.json").write_bytes(f.json)
+    got = dict(sa1b_reader.iter_examples(str(tmp_path), BadRecordPolicy("error")))
+    assert sorted(got) == ["sa_1.png", "sa_2.png", "sa_3.png", "sa_4.png"]
+    for f in images:
+        assert_example_matches(got[f.stem + ".png"], f)  # RGB PNG bytes kept unchanged
+
+
+def test_two_images_for_one_annotation(tmp_path):
+    images = fakes()
+    write_folder(tmp_path, images)
+    (tmp_path / "sa_2.png").write_bytes(as_png(images[1]).jpg)
+    with pytest.raises(BadRecordError, match="sa_2.png: two images for one annotation file: sa_2.jpg and sa_2.png"):
+        list(sa1b_reader.iter_examples(str(tmp_path), BadRecordPolicy("error")))
+    policy = BadRecordPolicy("skip")
+    assert [k for k, _ in sa1b_reader.iter_examples(str(tmp_path), policy)] == ["sa_1.jpg", "sa_3.jpg"]
+    assert policy.report()["skipped"] == {"duplicate_image": 1}
+
+
 def test_builder_skip_mode_reports_in_metadata(tmp_path):
     """Several bad cases at once, in a tar and a folder: survivors intact, counts in info.metadata."""
     manual = tmp_path / "manual"

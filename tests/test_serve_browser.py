@@ -54,12 +54,17 @@ def server(model_and_params, image_file, tmp_path_factory):
     live.stop()
 
 
-@pytest.fixture(scope="module")
-def page(server, tmp_path_factory):
-    driver = start_browser(tmp_path_factory.mktemp("chromium-profile"))
-    driver.get(server.url)
+def browser_on(url: str, profile):
+    """A fixture's body: headless Chromium (a fresh profile in `profile`) on `url`, quit after."""
+    driver = start_browser(profile)
+    driver.get(url)
     yield driver
     driver.quit()
+
+
+@pytest.fixture(scope="module")
+def page(server, tmp_path_factory):
+    yield from browser_on(server.url, tmp_path_factory.mktemp("chromium-profile"))
 
 
 def test_upload_and_embed(page, image_file):

@@ -44,21 +44,26 @@ def resolve_inputs(input_path: str) -> tuple[list[Path], bool]:
     return images, False
 
 
-def make_jobs(images: list[Path], output_dir: str, suffix: str = "") -> list[Job]:
-    """One job per image, output `<output_dir>/<image stem><suffix>`; refuses two images with one output."""
+def make_jobs(images: list, output_dir: str, suffix: str = "", prefix: str = "") -> list[Job]:
+    """One job per input (an image Path, or any input with a `.stem`), output
+    `<output_dir>/<prefix><stem><suffix>`; refuses two inputs with one output."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output {output_dir}: exists and is not a folder")
-    by_name: dict[str, Path] = {}
+    by_name: dict[str, Any] = {}
     for image in images:
-        name = image.stem + suffix
+        name = prefix + image.stem + suffix
         if name in by_name:
             raise UsageError(
-                f"{by_name[name].name} and {image.name} would both be written to "
-                f"{output_dir / name}; rename one of them"
+                f"{_label(by_name[name])} and {_label(image)} would both be written to {output_dir / name}; "
+                "rename one of them"
             )
         by_name[name] = image
     return [Job(image, output_dir / name) for name, image in by_name.items()]
+
+
+def _label(image) -> str:
+    return image.name if isinstance(image, Path) else str(image)
 
 
 def check_checkpoint(path: str, model_type: Optional[str] = None) -> dict:
@@ -77,19 +82,18 @@ def check_checkpoint(path: str, model_type: Optional[str] = None) -> dict:
     return metadata
 
 
-def run_images(args: argparse.Namespace, images: list[Path], single: bool, *, suffix: str, kind: str,
+def run_images(args: argparse.Namespace, jobs: list[Job], single: bool, *, kind: str,
                is_complete: Callable[[Path], bool], prepare: Callable[[Path], Any],
                load: Callable[[dict], Any], process: Callable[[Path, Any, Path, Any], None], desc: str) -> int:
-    """The run of `segment` and `amg` over resolved input images; returns the exit status.
+    """The run of `segment` and `amg` over their jobs (`make_jobs`); returns the exit status.
 
-    Checks the outputs' names and the checkpoint, skips finished images, and for a
+    Checks the checkpoint, skips finished images, and for a
     single input image runs `prepare(source)` (reading it, raising ValueError) before the
     model loads, so that its problems are fatal and cheap. Then `load(checkpoint
     metadata)` makes the model (only if there is work) and each image's output is written
     atomically by `process(source, prepared, output path, model)` under a FolderRunner
     (`kind`, `is_complete`: see FolderRunner).
     """
-    jobs = make_jobs(images, args.output, suffix)
     metadata = check_checkpoint(args.checkpoint, args.model_type)
     runner = FolderRunner(args.output, kind, is_complete, args.overwrite)
     pending, skipped = runner.pending(jobs)
@@ -132,6 +136,7 @@ non_negative_int = _number(int, 0, what="an integer >= 0")
 any_float = _number(float, -math.inf, what="a finite number")
 non_negative_float = _number(float, 0.0, what="a number >= 0")
 unit_float = _number(float, 0.0, 1.0, what="a number in [0, 1]")
+fraction = _number(float, 0.0, 1.0, low_open=True, what="a number in (0, 1]")
 overlap_ratio = _number(float, 0.0, 1.0, high_open=True, what="a number in [0, 1)")
 
 

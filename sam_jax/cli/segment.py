@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         write_result(folder, source, image, mode, prompt, masks, scores, args.multimask, model_info)
 
     return common.run_images(
-        args, images, single, suffix="", kind="dir", is_complete=lambda p: (p / RESULT_FILE).is_file(),
+        args, common.make_jobs(images, args.output), single, kind="dir", is_complete=lambda p: (p / RESULT_FILE).is_file(),
         prepare=lambda source: _prepare(source, prompt_for), load=load, process=process, desc="segment")
 
 

@@ -11,7 +11,7 @@ import logging
 from typing import Dict, List
 
 MODES = ("error", "skip")
-_EXAMPLES_KEPT = 5
+EXAMPLES_KEPT = 5  # examples kept per reason
 
 
 class BadRecordError(ValueError):
@@ -38,7 +38,7 @@ class BadRecordPolicy:
         if self.mode == "error":
             raise error
         self.counts[error.reason] += 1
-        if len(self.examples[error.reason]) < _EXAMPLES_KEPT:
+        if len(self.examples[error.reason]) < EXAMPLES_KEPT:
             self.examples[error.reason].append(str(error))
         logging.warning("skipped bad record: %s", error)
 

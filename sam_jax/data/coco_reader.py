@@ -41,6 +41,7 @@ or LVIS train, as with pycocotools).
 """
 
 import collections
+import copy
 import json
 import math
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -264,6 +265,28 @@ class CocoReader:
                 self._annotations[image_id].append(ann)
             except BadRecordError as e:
                 self.policy.handle(e)
+
+    def parts(self, images_per_part: int) -> List["CocoReader"]:
+        """The images to read, in id order, cut into readers of `images_per_part` images each.
+
+        Each part holds only its images' entries and annotations and reports
+        to a fresh policy of this reader's mode: reading the parts in order
+        yields this reader's records and bad records (after the JSON's, which
+        construction reported). For preparing on several workers.
+        """
+        if images_per_part < 1:
+            raise ValueError(f"images_per_part must be at least 1, got {images_per_part}")
+        ids = sorted(self._n_annotations)
+        parts = []
+        for start in range(0, len(ids), images_per_part):
+            part = copy.copy(self)
+            part.policy = BadRecordPolicy(self.policy.mode)
+            chosen = ids[start : start + images_per_part]
+            part._images = {i: self._images[i] for i in chosen}
+            part._annotations = {i: self._annotations[i] for i in chosen if i in self._annotations}
+            part._n_annotations = collections.Counter({i: self._n_annotations[i] for i in chosen})
+            parts.append(part)
+        return parts
 
     def __iter__(self) -> Iterator[Tuple[int, dict]]:
         for image_id in sorted(self._n_annotations):

@@ -1,7 +1,8 @@
 """SA-1B read from local files: `sa_*.tar` shards (streamed) and extracted folders.
 
-Each image is a pair `sa_<id>.jpg` + `sa_<id>.json` (the official layout; the
-JSON holds `image` {image_id, width, height, file_name} and `annotations`,
+Each image is a pair `sa_<id>.jpg` + `sa_<id>.json` (the official layout; an
+`sa_<id>.png` image is read too: the data engine's lossless images, see
+`sa1b_writer`). The JSON holds `image` {image_id, width, height, file_name} and `annotations`,
 each a COCO compressed RLE mask with its bbox, area, predicted_iou,
 stability_score, point_coords and crop_box). `iter_examples(manual_dir,
 policy)` yields `(key, example)` in the shared layout of `features.py`, key
@@ -34,6 +35,7 @@ from sam_jax.data.bad_records import BadRecordError, BadRecordPolicy
 from sam_jax.data.features import checked_image, text_file_name
 
 _PREFIX = "sa_"
+_IMAGE_EXTENSIONS = (".jpg", ".png")
 _IMAGE_KEYS = ("image_id", "width", "height", "file_name")
 _ANNOTATION_KEYS = (
     "id", "segmentation", "bbox", "area", "predicted_iou", "point_coords", "crop_box", "stability_score"
@@ -107,13 +109,14 @@ def iter_tar(
                 tar.members = []  # TarFile keeps every header it has read; a stream needs none of them.
                 name = member.name[2:] if member.name.startswith("./") else member.name
                 stem, ext = posixpath.splitext(name)
-                if not (member.isfile() and posixpath.basename(stem).startswith(_PREFIX) and ext in (".jpg", ".json")):
+                if not (member.isfile() and posixpath.basename(stem).startswith(_PREFIX)
+                        and ext in _IMAGE_EXTENSIONS + (".json",)):
                     continue
                 data = tar.extractfile(member).read()
                 last = name
                 entry = pending.setdefault(stem, {"file_name": posixpath.basename(stem) + ".jpg"})
-                entry[ext] = data
-                entry[ext + " where"] = f"{tar_name}:{name}"
+                if not _add_member(entry, posixpath.basename(name), ext, data, f"{tar_name}:{name}", policy):
+                    continue
                 if ".jpg" in entry and ".json" in entry:
                     del pending[stem]
                     yield from _pair_examples(entry, policy, seen)
@@ -121,7 +124,8 @@ def iter_tar(
         policy.handle(BadRecordError("corrupt_tar", tar_name, f"tar is truncated or corrupt after {last}; "
                                      f"the rest of it is not read ({type(e).__name__}: {e})"))
     for stem in sorted(pending):
-        yield from _pair_examples(pending[stem], policy, seen)
+        if not pending[stem].get("bad"):
+            yield from _pair_examples(pending[stem], policy, seen)
 
 
 class _EndNotingTarInfo(tarfile.TarInfo):
@@ -139,21 +143,41 @@ class _EndNotingTarInfo(tarfile.TarInfo):
 def iter_folder(
     path: str, rel: str, policy: BadRecordPolicy, seen: Optional[Dict[str, str]] = None
 ) -> Iterator[Tuple[str, Example]]:
-    """Valid images among the loose `sa_*.jpg` / `sa_*.json` files of one directory (not recursive)."""
+    """Valid images among the loose `sa_*.jpg` (`.png`) / `sa_*.json` files of one directory (not recursive)."""
     seen = {} if seen is None else seen
     stems: Dict[str, Dict[str, object]] = {}
     for name in sorted(os.listdir(path)):
         stem, ext = os.path.splitext(name)
-        if name.startswith(_PREFIX) and ext in (".jpg", ".json") and os.path.isfile(os.path.join(path, name)):
-            entry = stems.setdefault(stem, {"file_name": stem + ".jpg"})
-            entry[ext + " where"] = os.path.join(rel, name) if rel else name
+        if (name.startswith(_PREFIX) and ext in _IMAGE_EXTENSIONS + (".json",)
+                and os.path.isfile(os.path.join(path, name))):
+            stems.setdefault(stem, {"file_name": stem + ".jpg"}).setdefault("names", []).append(name)
     for stem in sorted(stems):
         entry = stems[stem]
-        for ext in (".jpg", ".json"):
-            if ext + " where" in entry:
-                with open(os.path.join(path, stem + ext), "rb") as f:
-                    entry[ext] = f.read()
-        yield from _pair_examples(entry, policy, seen)
+        complete = True
+        for name in entry.pop("names"):
+            with open(os.path.join(path, name), "rb") as f:
+                data = f.read()
+            where = os.path.join(rel, name) if rel else name
+            complete &= _add_member(entry, name, os.path.splitext(name)[1], data, where, policy)
+        if complete:
+            yield from _pair_examples(entry, policy, seen)
+
+
+def _add_member(entry: Dict[str, object], name: str, ext: str, data: bytes, where: str,
+                policy: BadRecordPolicy) -> bool:
+    """Files the member into its pair: the JSON under ".json", the image (jpg or png) under
+    ".jpg"; a second image of one stem is a bad record (False: the pair is not read)."""
+    key = ".json" if ext == ".json" else ".jpg"
+    if key == ".jpg" and ".jpg" in entry:
+        policy.handle(BadRecordError("duplicate_image", where, f"two images for one annotation file: "
+                                     f"{entry['.jpg where']} and {name}"))
+        entry["bad"] = True
+        return False
+    entry[key] = data
+    entry[key + " where"] = where
+    if key == ".jpg":
+        entry["file_name"] = name
+    return not entry.get("bad", False)
 
 
 def _pair_examples(entry: Dict[str, object], policy: BadRecordPolicy, seen: Dict[str, str]):

@@ -1,4 +1,5 @@
-"""The HTTP side of `sam-jax serve`: a FastAPI app over one `SegmentationService`.
+"""The HTTP side of `sam-jax serve`: a FastAPI app over one `SegmentationService` (and, with
+--annotate, its `AnnotationStore`).
 
     GET  /                 the page (sam_jax/serve/static/index.html)
     GET  /api/info         the model, limits, cache use and the last encoder time
@@ -9,6 +10,16 @@
     POST /predict          JSON prompt -> {prediction_id, masks: [COCO RLE records], decode_ms}
     POST /everything       JSON generator settings -> {records (official layout), seconds, settings}
     GET  /docs             OpenAPI documentation of all of these
+
+With --annotate (404 without), `image` being a name in the --images folder:
+
+    GET  /annotate/state             the images, which are done, first_open, progress, proposal settings
+    GET  /annotate/image?image=      one image's saved annotations, proposal marks, progress
+    GET  /annotate/proposals?image=  the generator's proposals {key, segmentation, ...}, proposal marks
+    POST /annotate/accept            {image, prediction_id, index} | {image, proposal} | all four
+    POST /annotate/delete            {image, id}
+    POST /annotate/done              {image, done}
+    POST /annotate/reject            {image, proposal, rejected}
 
 Errors are JSON {"detail": "..."} naming the problem: 404 an unknown image or
 name, 413 an upload over the limits, 415 a file that is not a usable image,
@@ -30,6 +41,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from sam_jax.serve.annotations import AnnotationStore
 from sam_jax.serve.service import EVERYTHING_DEFAULTS, RequestError, SegmentationService
 
 STATIC = importlib.resources.files("sam_jax.serve") / "static"
@@ -78,7 +90,37 @@ class EverythingRequest(BaseModel):
     min_mask_region_area: Optional[int] = Field(None, ge=0)
 
 
-def create_app(service: SegmentationService) -> FastAPI:
+class AcceptRequest(BaseModel):
+    """A mask to save: a prediction's (prediction_id + index), a proposal as it is (proposal),
+    or a prediction that fixes a proposal (all three)."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(description="the image's name in the --images folder")
+    prediction_id: Optional[str] = None
+    index: Optional[int] = Field(None, ge=0, description="which of the prediction's masks")
+    proposal: Optional[str] = Field(None, description="a proposal's `key`")
+
+
+class DeleteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str
+    id: int = Field(description="the annotation's id")
+
+
+class DoneRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str
+    done: bool = True
+
+
+class RejectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str
+    proposal: str = Field(description="a proposal's `key`")
+    rejected: bool = Field(True, description="false takes the mark back")
+
+
+def create_app(service: SegmentationService, annotations: Optional[AnnotationStore] = None) -> FastAPI:
     app = FastAPI(title="sam-jax serve", description=__doc__.split("\n\n")[0], version="1")
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     upload_slack = 64 * 1024  # multipart headers around the file
@@ -125,7 +167,7 @@ def create_app(service: SegmentationService) -> FastAPI:
                 "cache": {"entries": len(service.embeddings), "bytes": service.embeddings.nbytes,
                           "max_bytes": service.embeddings.max_bytes},
                 "last_encode_seconds": service.last_encode_seconds, "decoder_warm": service.decoder_warm,
-                "everything_defaults": EVERYTHING_DEFAULTS}
+                "everything_defaults": EVERYTHING_DEFAULTS, "annotate": annotations is not None}
 
     @app.get("/api/images")
     def images() -> dict:
@@ -164,5 +206,40 @@ def create_app(service: SegmentationService) -> FastAPI:
     def everything(request: EverythingRequest) -> dict:
         """The automatic mask generator on the image (official record layout, COCO RLE)."""
         return service.everything(request.image_id, **request.model_dump(exclude={"image_id"}))
+
+    def store() -> AnnotationStore:
+        if annotations is None:
+            raise RequestError(404, "the server was started without --annotate: there is nothing to annotate")
+        return annotations
+
+    @app.get("/annotate/state")
+    def annotate_state() -> dict:
+        return store().summary()
+
+    @app.get("/annotate/image")
+    def annotate_image(image: str) -> dict:
+        return store().image_state(image)
+
+    @app.get("/annotate/proposals")
+    def annotate_proposals(image: str) -> dict:
+        """The automatic mask generator's proposals for the image (the server's settings)."""
+        return store().proposals(image)
+
+    @app.post("/annotate/accept")
+    def annotate_accept(request: AcceptRequest) -> dict:
+        """Saves a mask into the image's SA-1B JSON; returns it and the image's state."""
+        return store().accept(request.image, request.prediction_id, request.index, request.proposal)
+
+    @app.post("/annotate/delete")
+    def annotate_delete(request: DeleteRequest) -> dict:
+        return store().delete(request.image, request.id)
+
+    @app.post("/annotate/done")
+    def annotate_done(request: DoneRequest) -> dict:
+        return store().set_done(request.image, request.done)
+
+    @app.post("/annotate/reject")
+    def annotate_reject(request: RejectRequest) -> dict:
+        return store().reject(request.image, request.proposal, request.rejected)
 
     return app

@@ -13,6 +13,8 @@ not the names). A prompt costs only the
 decoder. Each prediction gets a random `prediction_id` under which its low-res
 logits are kept, to be fed back as the next prompt's `mask_input` (as the
 official demo does); a prediction can only be fed back on its own image.
+`chosen_mask` gives one of them back as it was sent, with its prompt and its
+stability score, for saving (annotations.py).
 
 Errors are `RequestError`s carrying the HTTP status a server answers with and
 a message naming the problem.
@@ -34,13 +36,15 @@ import numpy as np
 
 from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator, crop_boxes
 from sam_jax.image_io import ImageError, ImageTooLargeError, decode_image, image_extensions
-from sam_jax.modeling import Sam, decode_low_res, encode_images
+from sam_jax.modeling import Sam, decode_low_res, encode_images, upsample_masks
 from sam_jax.predictor import SamPredictor
 from sam_jax.prompts import check_inside
 from sam_jax.serve.cache import ByteLRU
-from sam_jax.utils.amg import area_from_rle, batched_mask_to_box, box_xyxy_to_xywh, coco_encode_rle, mask_to_rle
+from sam_jax.utils.amg import (area_from_rle, batched_mask_to_box, box_xyxy_to_xywh, calculate_stability_score,
+                               coco_encode_rle, mask_to_rle)
 
 MiB = 2**20
+STABILITY_OFFSET = 1.0  # chosen_mask's stability score: the generator's default offset
 
 # The generator options a client may set per request, with the official defaults.
 EVERYTHING_DEFAULTS = {
@@ -84,13 +88,22 @@ class EmbeddedImage:
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
+    """A prompt's (C, L, L) float32 `low_res_logits` (feedback, and the full-resolution logits
+    again), the `records` sent for them, and the prompt; sizes as `EmbeddedImage`'s."""
+
     prediction_id: str
     image_id: str
-    low_res_logits: np.ndarray  # (C, L, L) float32
+    low_res_logits: np.ndarray
+    records: list[dict]
+    point_coords: Optional[list[list[float]]]  # [[x, y], ...]
+    point_labels: Optional[list[int]]
+    box: Optional[list[float]]  # [x0, y0, x1, y1]
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
 
     @property
     def nbytes(self) -> int:
-        return self.low_res_logits.nbytes
+        return self.low_res_logits.nbytes + records_nbytes(self.records)
 
 
 class SegmentationService:
@@ -110,8 +123,7 @@ class SegmentationService:
         self.embeddings = ByteLRU(cache_bytes, lambda e: e.nbytes)
         # Feedback logits, ~0.8 MB per prediction of the released models: the last few hundred.
         self.predictions = ByteLRU(256 * MiB, lambda p: p.nbytes)
-        self.everything_results = ByteLRU(256 * MiB, lambda result: sum(
-            len(r["segmentation"]["counts"]) + 200 for r in result["records"]))
+        self.everything_results = ByteLRU(256 * MiB, lambda result: records_nbytes(result["records"]))
         self._encode_lock = threading.Lock()  # one encoder run at a time bounds memory
         self._everything_lock = threading.Lock()
         self.last_encode_seconds: Optional[float] = None
@@ -230,7 +242,9 @@ class SegmentationService:
             raise RequestError(422, str(err)) from None
         logits = None
         if mask_input is not None:
-            logits = self._feedback(image_id, *mask_input)
+            prediction_id, index = mask_input
+            logits = self._stored(image_id, prediction_id, index, "mask_input.",
+                                  "predict again without mask_input").low_res_logits[index][None]
         if coords is None and boxes is None and logits is None:
             raise RequestError(422, "no prompt: give point_coords + point_labels, a box, or a mask_input")
         predictor = SamPredictor(self.model, self.params)
@@ -241,22 +255,41 @@ class SegmentationService:
         except ValueError as err:
             raise RequestError(422, str(err)) from None
         decode_ms = 1000 * (time.perf_counter() - start)
+        records = mask_records(masks, scores)
         prediction_id = None
         if store_logits:
             prediction_id = secrets.token_urlsafe(16)
-            self.predictions.put(prediction_id, Prediction(prediction_id, image_id, low_res.astype(np.float32)))
-        return {"prediction_id": prediction_id, "masks": mask_records(masks, scores),
-                "decode_ms": decode_ms}
+            as_list = lambda x: None if x is None else x.tolist()
+            self.predictions.put(prediction_id, Prediction(
+                prediction_id, image_id, low_res.astype(np.float32), records, as_list(coords), as_list(labels),
+                as_list(boxes), entry.input_size, entry.original_size))
+        return {"prediction_id": prediction_id, "masks": records, "decode_ms": decode_ms}
 
-    def _feedback(self, image_id: str, prediction_id: str, index: int) -> np.ndarray:
+    def chosen_mask(self, image_id: str, prediction_id: str, index: int) -> dict:
+        """Mask `index` of a stored prediction on the image: its record as `predict` sent it, its
+        prompt (point_coords, point_labels, box; None where not given), and its stability score,
+        `calculate_stability_score` of its full-resolution logits (the config's mask_threshold,
+        offset STABILITY_OFFSET), upsampled exactly as `SamPredictor.predict(return_logits=True)` does."""
+        prediction = self._stored(image_id, prediction_id, index, "", "predict again")
+        config = self.model.config
+        logits = upsample_masks(prediction.low_res_logits[None], prediction.input_size, prediction.original_size,
+                                config.image_size, None)
+        stability = calculate_stability_score(np.asarray(logits[0, index]), config.mask_threshold, STABILITY_OFFSET)
+        return {**prediction.records[index], "stability_score": float(stability),
+                "point_coords": prediction.point_coords, "point_labels": prediction.point_labels,
+                "box": prediction.box}
+
+    def _stored(self, image_id: str, prediction_id: str, index: int, field: str, remedy: str) -> Prediction:
+        """The stored prediction `prediction_id` on the image, with a mask `index`; `field`
+        prefixes the request's field names in the errors."""
         prediction = self.predictions.get(prediction_id)
         if prediction is None or prediction.image_id != image_id:
-            raise RequestError(422, f"mask_input.prediction_id {prediction_id!r} is not a prediction on this "
-                                    "image (or it was evicted): predict again without mask_input")
+            raise RequestError(422, f"{field}prediction_id {prediction_id!r} is not a prediction on this "
+                                    f"image (or it was evicted): {remedy}")
         count = len(prediction.low_res_logits)
         if not 0 <= index < count:
-            raise RequestError(422, f"mask_input.index {index} is out of range: that prediction has {count} masks")
-        return prediction.low_res_logits[index][None]
+            raise RequestError(422, f"{field}index {index} is out of range: that prediction has {count} masks")
+        return prediction
 
     # ----------------------------------------------------------------------------- everything
 
@@ -284,6 +317,11 @@ class SegmentationService:
             return {"records": records, "seconds": seconds, "settings": settings}
 
         return self.everything_results.get_or_compute(key, generate)[0]
+
+
+def records_nbytes(records: Sequence[dict]) -> int:
+    """About the memory of mask records with COCO RLE segmentations."""
+    return sum(len(r["segmentation"]["counts"]) + 200 for r in records)
 
 
 def mask_records(masks: np.ndarray, scores: np.ndarray) -> list[dict]:

@@ -14,6 +14,10 @@ Crowd regions are kept with `iscrowd = 1`.
 `info.metadata` holds, per split: `bad_records` (the BadRecordPolicy report),
 `images_without_annotations` (legitimate COCO images with no annotation, not
 written) and `sources` (the JSON file each split was read from).
+
+Given `beam_options` (or a `beam_runner`) in the DownloadConfig it prepares on
+Apache Beam: each JSON parsed on one worker, its images read in parts of
+`IMAGES_PER_BEAM_PART` on all of them, to the same records (`beam_prepare`).
 """
 
 import logging
@@ -22,6 +26,7 @@ from typing import Dict, Optional, Tuple
 import tensorflow_datasets as tfds
 from etils import epath
 
+from sam_jax.data import beam_prepare
 from sam_jax.data.bad_records import BadRecordPolicy
 from sam_jax.data.coco_reader import EXTRA_MASK_FIELDS, CocoReader
 from sam_jax.data.features import instance_features
@@ -55,12 +60,13 @@ One data set per data_dir: prepare COCO and LVIS into different data_dirs.
 """
 
 
-class CocoInstances(tfds.core.GeneratorBasedBuilder):
+class CocoInstances(beam_prepare.BeamPreparable, tfds.core.GeneratorBasedBuilder):
     """COCO-format instance segmentation: masks as compressed RLE, crowd regions flagged."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
+    IMAGES_PER_BEAM_PART = beam_prepare.IMAGES_PER_PART
 
     def __init__(
         self,
@@ -112,6 +118,9 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
                 raise FileNotFoundError(f"split {name!r}: annotation file {json_path} does not exist")
             if not epath.Path(image_dir).is_dir():
                 raise FileNotFoundError(f"split {name!r}: image folder {image_dir} does not exist")
+        if self._on_beam:
+            read, mode, part = beam_prepare.read_coco, self._on_bad_record, self.IMAGES_PER_BEAM_PART
+            return {name: self._beam_split(name, read, j, d, mode, part) for name, (j, d) in splits.items()}
         return {name: self._generate_examples(name, j, d) for name, (j, d) in splits.items()}
 
     @staticmethod
@@ -136,10 +145,13 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
         policy = BadRecordPolicy(self._on_bad_record)
         reader = CocoReader(json_path, image_dir, policy)
         yield from reader
-        self._reports[split] = policy.report()
-        self._without_annotations[split] = reader.images_without_annotations
-        self._sources[split] = reader.name
-        # Metadata set here is written with the data set.
+        self._store_split_metadata(split, policy.report(), reader.images_without_annotations, reader.name)
+
+    def _store_split_metadata(self, split: str, report: dict, images_without_annotations: int, sources: str):
+        self._reports[split] = report
+        self._without_annotations[split] = images_without_annotations
+        self._sources[split] = sources
+        # Metadata set during generation is written with the data set.
         self.info.metadata["bad_records"] = dict(self._reports)
         self.info.metadata["images_without_annotations"] = dict(self._without_annotations)
         self.info.metadata["sources"] = dict(self._sources)

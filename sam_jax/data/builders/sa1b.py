@@ -5,7 +5,9 @@ Beam nor the download link list: point `manual_dir` at the shards you have.
 One record per image in the shared layout (`sam_jax.data.features`), plus per
 mask `predicted_iou` (N,), `stability_score` (N,) float32 and `crop_box`
 (N, 4) float32 XYWH. Skipped bad records are counted in
-`info.metadata["bad_records"]["train"]`.
+`info.metadata["bad_records"]["train"]`. Given `beam_options` (or a
+`beam_runner`) in the DownloadConfig it prepares on Apache Beam, a tar or
+folder per work unit, to the same records (`sam_jax.data.beam_prepare`).
 
     builder = Sa1b(data_dir=..., on_bad_record="skip")
     builder.download_and_prepare(
@@ -16,7 +18,7 @@ mask `predicted_iou` (N,), `stability_score` (N,) float32 and `crop_box`
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sam_jax.data import sa1b_reader
+from sam_jax.data import beam_prepare, sa1b_reader
 from sam_jax.data.bad_records import BadRecordPolicy
 from sam_jax.data.features import instance_features
 
@@ -32,7 +34,7 @@ _CITATION = """\
 """
 
 
-class Sa1b(tfds.core.GeneratorBasedBuilder):
+class Sa1b(beam_prepare.BeamPreparable, tfds.core.GeneratorBasedBuilder):
     """SA-1B images with their automatically generated masks, read from a manual dir."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -73,9 +75,15 @@ Each image must appear once: do not keep a tar and its extracted copy both.
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        return {"train": self._generate_examples(str(dl_manager.manual_dir))}
+        manual_dir = str(dl_manager.manual_dir)
+        if self._on_beam:
+            return {"train": self._beam_split("train", beam_prepare.read_sa1b, manual_dir, self._policy.mode)}
+        return {"train": self._generate_examples(manual_dir)}
 
     def _generate_examples(self, manual_dir: str):
         yield from sa1b_reader.iter_examples(manual_dir, self._policy)
         # Set after the last example: TFDS saves metadata written during generation.
-        self.info.metadata["bad_records"] = {"train": self._policy.report()}
+        self._store_split_metadata("train", self._policy.report())
+
+    def _store_split_metadata(self, split: str, report: dict) -> None:
+        self.info.metadata["bad_records"] = {split: report}

@@ -4,12 +4,14 @@
 // the last prediction for feedback), draws masks decoded from COCO RLE, and times each click.
 // State the tests read: body[data-state] ("empty", "embedding", "ready", "predicting",
 // "everything", "error"), body[data-mode] ("prompt", "everything"), #mask[data-prediction-id],
-// body[data-latency-ms], and window.samJax (the state and the exports).
+// body[data-latency-ms], and window.samJax (the state and the exports). With --annotate
+// (body[data-annotate]), see "annotating" below.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const imageCanvas = $("image"), maskCanvas = $("mask"), promptCanvas = $("prompts"), stage = $("stage");
-const MASK_RGB = [30, 144, 255];
+const acceptedCanvas = $("accepted"), outlineCanvas = $("outlines");
+const MASK_RGB = [30, 144, 255], WHITE = [255, 255, 255], PROPOSAL_RGB = [255, 140, 0], OUTLINE_RGB = [255, 214, 0];
 const HOVER_DELAY_MS = 60;   // debounce: a preview once the cursor rests this long
 const DRAG_PIXELS = 5;       // a press that moves further than this (screen px) draws a box
 
@@ -21,6 +23,7 @@ const state = {
   history: [],        // earlier {points, box, prediction}, for undo
   everything: null,   // {records, seconds, selected}
   mode: "prompt",
+  annotate: null,     // with --annotate: see "annotating"
   seq: 0,             // bumped by every committed change: older responses are dropped
   lastLatencyMs: null,
   hover: null,        // the last hover preview's prompt
@@ -108,6 +111,7 @@ function showProgress(text, fraction) {
 function hideProgress() { $("progress").hidden = true; }
 
 // POSTs the form to /embed with upload progress, then shows an estimate from the last encoder time.
+// Returns whether the image is shown.
 async function embed(form, label) {
   setState("embedding");
   message("");
@@ -146,8 +150,10 @@ async function embed(form, label) {
     $("stat-image").textContent = `${data.width}×${data.height} ${data.mode}`;
     message(`${data.name}: embedded (${how}). Click on the image.`);
     setState("ready");
+    return true;
   } catch (err) {
     message(err.message, true);
+    return false;
   } finally {
     clearInterval(timer);
     hideProgress();
@@ -158,7 +164,7 @@ async function showImage(data) {
   const bitmap = new Image();
   bitmap.src = `/image/${data.image_id}`;
   await bitmap.decode();
-  for (const canvas of [imageCanvas, maskCanvas, promptCanvas]) {
+  for (const canvas of [imageCanvas, acceptedCanvas, outlineCanvas, maskCanvas, promptCanvas]) {
     canvas.width = data.width;
     canvas.height = data.height;
   }
@@ -180,7 +186,9 @@ function fitCanvas() {
   const scale = Math.min((stage.clientWidth - 16) / width, (window.innerHeight - 110) / height);
   imageCanvas.style.width = `${Math.floor(width * scale)}px`;
   imageCanvas.style.height = `${Math.floor(height * scale)}px`;
-  for (const canvas of [imageCanvas, maskCanvas]) canvas.style.imageRendering = scale >= 2 ? "pixelated" : "auto";
+  for (const canvas of [imageCanvas, acceptedCanvas, outlineCanvas, maskCanvas]) {
+    canvas.style.imageRendering = scale >= 2 ? "pixelated" : "auto";
+  }
   drawPrompts();
 }
 window.addEventListener("resize", fitCanvas);
@@ -216,6 +224,7 @@ fetch("/api/images").then(readResponse).then(({images}) => {
 // ------------------------------------------------------------------------------------- prompts
 
 function resetPrompt() {
+  if (state.annotate) state.annotate.fixing = null;
   state.points = [];
   state.box = null;
   state.prediction = null;
@@ -265,7 +274,8 @@ async function predict(startedAt) {
   try {
     const result = await postJson("/predict", body);
     if (seq !== state.seq) return;  // a newer change is on its way
-    result.selected = bestIndex(result.masks);
+    result.selected = fixesProposal(body) && body.point_coords.length === 1 && !body.box
+      ? closestIndex(result.masks, proposalByKey(state.annotate.fixing)) : bestIndex(result.masks);
     result.prompt = body;
     state.prediction = result;
     drawMasks();
@@ -331,7 +341,7 @@ promptCanvas.addEventListener("contextmenu", (e) => e.preventDefault());
 promptCanvas.addEventListener("mousedown", (e) => {
   if (!state.image) return;
   press = {start: imagePoint(e), screenX: e.clientX, screenY: e.clientY, dragging: false,
-           background: e.button === 2 || e.shiftKey};
+           background: e.button === 2 || e.shiftKey, alt: e.altKey};
 });
 promptCanvas.addEventListener("mousemove", (e) => {
   if (!state.image) return;
@@ -359,11 +369,16 @@ window.addEventListener("mouseup", (e) => {
   cancelHover();
   if (p.dragging) {
     const box = boxFrom(p.start, imagePoint(e));
+    deselectProposal();
     commit(() => { state.box = box; }, startedAt);
   } else if (e.target === promptCanvas) {
     const point = imagePoint(e);
     if (state.mode === "everything") selectEverything(point);
-    else commit(() => { state.points.push({x: point.x, y: point.y, label: p.background ? 0 : 1}); }, startedAt);
+    else if (state.annotate && p.alt) selectProposalAt(point);
+    else {
+      deselectProposal();
+      commit(() => { state.points.push({x: point.x, y: point.y, label: p.background ? 0 : 1}); }, startedAt);
+    }
   }
 });
 
@@ -374,6 +389,10 @@ function boxFrom(a, b) {
 window.addEventListener("keydown", (e) => {
   if ((e.ctrlKey || e.metaKey) && e.key === "z") { e.preventDefault(); undo(); }
   if (e.key === "Escape") clearAll();
+  if (state.annotate && !e.ctrlKey && !e.metaKey && !e.altKey && !["INPUT", "SELECT"].includes(e.target.tagName)) {
+    const action = ANNOTATE_KEYS[e.key.length === 1 ? e.key.toLowerCase() : e.key];
+    if (action) { e.preventDefault(); action(); }
+  }
 });
 
 function undo() {
@@ -424,26 +443,34 @@ function drawPrompts(rubberBand = null) {
   }
 }
 
-// Draws records' masks (one colour in prompt mode, distinct ones in Everything), alpha 255
-// inside and 0 outside: the page's opacity tints them; tests read the canvas's alpha.
-function drawMaskRecords(records, preview = false, colours = null) {
-  const {width, height} = maskCanvas;
-  const ctx = maskCanvas.getContext("2d");
+// Draws records' masks on a canvas, alpha 255 inside and 0 outside: the page's opacity tints
+// them; tests read the canvas's alpha. The inside in its colour (`colours[i]`, else one colour)
+// and the mask's own edge pixels (a 4-neighbour outside it) in white, or with `edgesOnly` just
+// the edges, in the colour.
+function paintMasks(canvas, records, colours = null, edgesOnly = false) {
+  const {width, height} = canvas;
+  const ctx = canvas.getContext("2d");
   const pixels = ctx.createImageData(width, height);
   records.forEach((record, i) => {
     const mask = maskOf(record), rgb = colours ? colours[i] : MASK_RGB;
     for (let j = 0; j < mask.length; j++) {
       if (!mask[j]) continue;
-      // the mask's own edge pixels (a 4-neighbour outside it) in white, the inside in its colour
       const x = j % width, edge = x === 0 || x === width - 1 || j < width || j >= mask.length - width ||
         !mask[j - 1] || !mask[j + 1] || !mask[j - width] || !mask[j + width];
-      pixels.data[4 * j] = edge ? 255 : rgb[0];
-      pixels.data[4 * j + 1] = edge ? 255 : rgb[1];
-      pixels.data[4 * j + 2] = edge ? 255 : rgb[2];
+      if (edgesOnly && !edge) continue;
+      const colour = edge && !edgesOnly ? WHITE : rgb;
+      pixels.data[4 * j] = colour[0];
+      pixels.data[4 * j + 1] = colour[1];
+      pixels.data[4 * j + 2] = colour[2];
       pixels.data[4 * j + 3] = 255;
     }
   });
   ctx.putImageData(pixels, 0, 0);
+}
+
+// The mask layer: one colour in prompt mode, distinct ones in Everything.
+function drawMaskRecords(records, preview = false, colours = null) {
+  paintMasks(maskCanvas, records, colours);
   maskCanvas.classList.toggle("preview", preview);
 }
 
@@ -452,16 +479,18 @@ function drawMasks() {
     const records = state.everything.records, selected = state.everything.selected;
     const order = records.map((r, i) => i).sort((a, b) => records[b].area - records[a].area);
     if (selected !== null) order.push(selected);  // drawn last: on top, in white
-    const colours = order.map((i, k) => (k === order.length - 1 && selected !== null) ? [255, 255, 255]
+    const colours = order.map((i, k) => (k === order.length - 1 && selected !== null) ? WHITE
                                                                                         : distinctColour(i));
     drawMaskRecords(order.map((i) => records[i]), false, colours);
     maskCanvas.dataset.predictionId = "";
     maskCanvas.dataset.count = String(records.length);
   } else {
-    const prediction = state.prediction;
-    drawMaskRecords(prediction ? [prediction.masks[prediction.selected]] : []);
+    const prediction = state.prediction, proposal = prediction ? null : selectedProposal();
+    if (proposal) drawMaskRecords([proposal], false, [PROPOSAL_RGB]);
+    else drawMaskRecords(prediction ? [prediction.masks[prediction.selected]] : []);
     maskCanvas.dataset.predictionId = prediction ? prediction.prediction_id : "";
     maskCanvas.dataset.selected = prediction ? String(prediction.selected) : "";
+    maskCanvas.dataset.proposal = proposal ? proposal.key : "";
   }
   showCandidates();
   showStats();
@@ -490,7 +519,7 @@ function selectedRecord() {
     return state.everything.records[state.everything.selected];
   }
   if (state.mode === "prompt" && state.prediction) return state.prediction.masks[state.prediction.selected];
-  return null;
+  return selectedProposal();
 }
 
 function showStats() {
@@ -506,6 +535,7 @@ function updateControls() {
   $("clear").disabled = !state.image;
   $("save-mask").disabled = $("save-cutout").disabled = !selectedRecord();
   $("save-json").disabled = !(state.everything && state.everything.records.length);
+  $("accept").disabled = !(state.annotate && state.annotate.image && selectedRecord() && !state.annotate.busy);
 }
 
 // ------------------------------------------------------------------------------------- everything
@@ -543,14 +573,18 @@ async function runEverything() {
   }
 }
 
-// The smallest mask under the point.
-function selectEverything(point) {
-  const {records} = state.everything, w = state.image.width;
-  const index = Math.floor(point.y) * w + Math.floor(point.x);
+// The index of the smallest of `records` under the point (null: none).
+function smallestUnder(records, point) {
+  const index = Math.floor(point.y) * state.image.width + Math.floor(point.x);
   let best = null;
   records.forEach((r, i) => {
     if (maskOf(r)[index] && (best === null || r.area < records[best].area)) best = i;
   });
+  return best;
+}
+
+function selectEverything(point) {
+  const best = smallestUnder(state.everything.records, point);
   state.everything.selected = best;
   maskCanvas.dataset.everythingSelected = best === null ? "" : String(best);
   drawMasks();
@@ -602,5 +636,316 @@ $("save-json").addEventListener("click", () => {
   download(url, `${stem()}_masks.json`);
   setTimeout(() => URL.revokeObjectURL(url), 1000);
 });
+
+// ------------------------------------------------------------------------------------- annotating
+
+// `sam-jax serve --annotate`: the page steps through the --images folder. A mask made with
+// prompts, or a proposal of the automatic mask generator (as it is, or fixed: its point becomes
+// the first click), is accepted into the server's SA-1B files; proposals can be rejected.
+// #accepted draws the saved masks, #outlines the open proposals' edges, #mask what Enter saves
+// (a selected proposal in orange, its key in #mask[data-proposal]). state.annotate holds:
+//   summary    GET /annotate/state (the images, done or not, and the totals)
+//   index      the image shown; image: GET /annotate/image (its annotations, proposal marks)
+//   proposals  the generator's records with their key; selected: {kind: "proposal", key} or
+//              {kind: "accepted", id}; fixing: the key of the proposal the prompt started from
+//   loading, busy: an image opening, a change on its way (keys wait); token: the image's
+
+async function getJson(path) { return readResponse(await fetch(path)); }
+
+async function startAnnotating() {
+  document.body.dataset.annotate = "on";
+  try {
+    const summary = await getJson("/annotate/state");
+    state.annotate = {summary, index: 0, image: null, proposals: [], selected: null, fixing: null,
+                      loading: false, busy: false, token: 0};
+    await openAt(summary.first_open === null ? 0 : summary.first_open);
+    if (summary.first_open === null) message("Every image is done; N / P step through them.");
+  } catch (err) {
+    message(err.message, true);
+  }
+}
+
+async function openAt(index) {
+  const a = state.annotate, name = a.summary.images[index].name, token = ++a.token;
+  Object.assign(a, {index, image: null, proposals: [], selected: null, loading: true});
+  showAnnotation();
+  const form = new FormData();
+  form.append("name", name);
+  try {
+    if (!await embed(form, name)) return;
+    setImageState(await getJson(`/annotate/image?image=${encodeURIComponent(name)}`));
+  } catch (err) {
+    message(err.message, true);
+    return;
+  } finally {
+    a.loading = false;
+    showAnnotation();
+  }
+  if ($("show-proposals").checked) loadProposals(token);
+}
+
+async function loadProposals(token) {
+  const a = state.annotate;
+  $("proposal-count").textContent = "(generating…)";
+  try {
+    const result = await getJson(`/annotate/proposals?image=${encodeURIComponent(currentName())}`);
+    if (token !== a.token) return;
+    a.proposals = result.proposals;
+    showAnnotation();
+  } catch (err) {
+    if (token === a.token) message(err.message, true);
+  }
+}
+
+// The server's answer to a change: the image's state and the totals.
+function setImageState(image) {
+  const a = state.annotate, entry = a.summary.images[image.index];
+  entry.done = image.done;
+  entry.masks = image.annotations.length;
+  a.summary.progress = image.progress;
+  a.image = image;
+  showAnnotation();
+}
+
+function currentName() { return state.annotate.summary.images[state.annotate.index].name; }
+function proposalByKey(key) { return state.annotate.proposals.find((p) => p.key === key) || null; }
+function markOf(key) { return (state.annotate.image && state.annotate.image.proposal_marks[key]) || "open"; }
+function openProposals() { return state.annotate.proposals.filter((p) => markOf(p.key) === "open"); }
+function isSelected(kind, value) {
+  const selected = state.annotate.selected;
+  return Boolean(selected && selected.kind === kind && (kind === "proposal" ? selected.key : selected.id) === value);
+}
+
+function selectedProposal() {
+  const a = state.annotate;
+  return a && a.selected && a.selected.kind === "proposal" ? proposalByKey(a.selected.key) : null;
+}
+
+function showAnnotation() {
+  const a = state.annotate, {images, progress} = a.summary, entry = images[a.index];
+  const annotations = a.image ? a.image.annotations : [], open = openProposals();
+  document.body.dataset.annotateImage = a.image ? entry.name : "";
+  $("image-counter").textContent = `image ${a.index + 1} of ${images.length} · ${entry.name}${entry.done ? " · ✓ done" : ""}`;
+  $("annotate-totals").textContent =
+    `${progress.masks_saved} masks saved · ${progress.images_done} of ${progress.images} images done`;
+  $("previous").disabled = a.index === 0;
+  $("next").disabled = a.index === images.length - 1;
+  $("done").disabled = !a.image;
+  $("done").textContent = entry.done ? "Reopen" : "Done → next";
+  paintMasks(acceptedCanvas, annotations,
+             annotations.map((r) => isSelected("accepted", r.id) ? WHITE : distinctColour(r.id)));
+  paintMasks(outlineCanvas, open, open.map(() => OUTLINE_RGB), true);
+  acceptedCanvas.dataset.count = String(annotations.length);
+  outlineCanvas.dataset.count = String(open.length);
+  $("accepted-count").textContent = `(${annotations.length})`;
+  $("accepted-list").replaceChildren(...annotations.map((r) => listItem(
+    {id: String(r.id)}, distinctColour(r.id), `#${r.id} ${r.source || ""} · ${r.area} px`,
+    isSelected("accepted", r.id), () => select({kind: "accepted", id: r.id}),
+    [["×", "Delete (Delete key)", () => deleteAnnotation(r.id)]])));
+  $("proposal-count").textContent = a.proposals.length ? `(${open.length} open of ${a.proposals.length})` : "";
+  $("proposal-list").replaceChildren(...a.proposals.map((p, i) => {
+    const mark = markOf(p.key);
+    const buttons = mark === "open" ? [["✓", "Accept (Enter)", () => acceptProposal(p.key)],
+                                       ["✎", "Fix: its point becomes the first click (F)", () => fixProposal(p.key)],
+                                       ["✗", "Reject (R)", () => rejectProposal(p.key)]]
+      : mark === "rejected" ? [["↺", "Take the rejection back (R)", () => rejectProposal(p.key)]] : [];
+    const item = listItem({key: p.key}, OUTLINE_RGB,
+                          `${i + 1}. IoU ${p.predicted_iou.toFixed(2)} · ${p.area} px${mark === "open" ? "" : ` · ${mark}`}`,
+                          isSelected("proposal", p.key), () => select({kind: "proposal", key: p.key}), buttons);
+    item.classList.add(mark);
+    return item;
+  }));
+  drawMasks();
+}
+
+function listItem(data, rgb, text, selected, onSelect, buttons) {
+  const item = document.createElement("li"), swatch = document.createElement("span");
+  const what = document.createElement("span");
+  Object.assign(item.dataset, data);
+  swatch.className = "swatch";
+  swatch.style.background = `rgb(${rgb.join(",")})`;
+  what.className = "what";
+  what.textContent = text;
+  item.append(swatch, what);
+  for (const [label, title, action] of buttons) {
+    const button = document.createElement("button");
+    button.textContent = label;
+    button.title = title;
+    button.addEventListener("click", (e) => { e.stopPropagation(); action(); });
+    item.append(button);
+  }
+  item.classList.toggle("selected", selected);
+  item.addEventListener("click", onSelect);
+  return item;
+}
+
+// A selected proposal replaces the prompt: it is what Enter saves.
+function select(selection) {
+  if (selection.kind === "proposal") resetPrompt();
+  state.annotate.selected = selection;
+  showAnnotation();
+}
+
+// A click or a box starts a prompt of its own: no proposal is selected then.
+function deselectProposal() {
+  if (!selectedProposal()) return;
+  state.annotate.selected = null;
+  showAnnotation();
+}
+
+function selectProposalAt(point) {
+  const open = openProposals(), i = smallestUnder(open, point);
+  if (i === null) message("No open proposal there.");
+  else select({kind: "proposal", key: open[i].key});
+}
+
+// The next (delta 1) or previous (-1) open proposal after the selected one, round the list.
+function stepProposal(delta) {
+  const a = state.annotate, list = a.proposals, n = list.length;
+  const selected = selectedProposal(), from = selected ? list.indexOf(selected) : (delta > 0 ? -1 : n);
+  for (let k = 1; k <= n; k++) {
+    const i = (((from + delta * k) % n) + n) % n;
+    if (markOf(list[i].key) === "open") return select({kind: "proposal", key: list[i].key});
+  }
+  a.selected = null;
+  showAnnotation();
+  if (n) message("No open proposals left on this image.");
+}
+
+// Whether a prompt starts from the point of the proposal being fixed.
+function fixesProposal(body) {
+  const a = state.annotate, proposal = a && a.fixing ? proposalByKey(a.fixing) : null;
+  if (!proposal || !body.point_coords || body.point_labels[0] !== 1) return false;
+  const [x, y] = proposal.point_coords[0], [px, py] = body.point_coords[0];
+  return Math.abs(x - px) < 1e-3 && Math.abs(y - py) < 1e-3;
+}
+
+// The first prompt of a fix picks, of its candidates, the one closest (IoU) to the proposal.
+function closestIndex(masks, record) {
+  const target = maskOf(record);
+  let best = 0, bestIou = -1;
+  masks.forEach((m, i) => {
+    const mask = maskOf(m);
+    let inter = 0, union = 0;
+    for (let j = 0; j < mask.length; j++) {
+      inter += mask[j] & target[j];
+      union += mask[j] | target[j];
+    }
+    const iou = union ? inter / union : 0;
+    if (iou > bestIou) [best, bestIou] = [i, iou];
+  });
+  return best;
+}
+
+function fixProposal(key) {
+  const proposal = proposalByKey(key);
+  if (!proposal) return;
+  const [x, y] = proposal.point_coords[0];
+  resetPrompt();
+  state.annotate.selected = null;
+  state.annotate.fixing = key;
+  commit(() => { state.points.push({x, y, label: 1}); }, performance.now());
+  message("Fixing the proposal: its point is the first click; add clicks, then Enter.");
+}
+
+// POSTs a change; the answer is the image's new state.
+async function change(path, body, then = null) {
+  const a = state.annotate;
+  a.busy = true;
+  updateControls();
+  try {
+    const result = await postJson(path, body);
+    setImageState(result);
+    if (then) then(result);
+  } catch (err) {
+    message(err.message, true);
+  } finally {
+    a.busy = false;
+    updateControls();
+  }
+}
+
+function acceptShown() {
+  const a = state.annotate, prediction = state.mode === "prompt" ? state.prediction : null;
+  if (!a.image || a.busy) return;
+  if (!prediction) {
+    if (selectedProposal()) acceptProposal(a.selected.key);
+    else message("Nothing to accept: click on the image, or pick a proposal ( ] ).");
+    return;
+  }
+  const body = {image: currentName(), prediction_id: prediction.prediction_id, index: prediction.selected};
+  if (fixesProposal(prediction.prompt)) body.proposal = a.fixing;
+  change("/annotate/accept", body, ({annotation}) => {
+    resetPrompt();
+    message(`Saved mask #${annotation.id} (${annotation.source}).`);
+  });
+}
+
+function acceptProposal(key) {
+  change("/annotate/accept", {image: currentName(), proposal: key}, ({annotation}) => {
+    message(`Saved mask #${annotation.id} (proposal).`);
+    if (isSelected("proposal", key)) stepProposal(1);
+  });
+}
+
+function rejectProposal(key) {
+  const rejected = markOf(key) !== "rejected";
+  change("/annotate/reject", {image: currentName(), proposal: key, rejected}, () => {
+    if (rejected && isSelected("proposal", key)) stepProposal(1);
+  });
+}
+
+function deleteAnnotation(id) {
+  change("/annotate/delete", {image: currentName(), id}, () => {
+    if (isSelected("accepted", id)) state.annotate.selected = null;
+    message(`Deleted mask #${id}.`);
+  });
+}
+
+// Done: the next image not done opens (Reopen takes the mark back).
+function toggleDone() {
+  const a = state.annotate, done = !a.summary.images[a.index].done;
+  if (!a.image || a.busy) return;
+  change("/annotate/done", {image: currentName(), done}, () => {
+    if (!done) return;
+    const images = a.summary.images, n = images.length;
+    const next = [...Array(n).keys()].map((k) => (a.index + 1 + k) % n).find((i) => !images[i].done);
+    if (next === undefined) message("Every image is done.");
+    else openAt(next);
+  });
+}
+
+function stepImage(delta) {
+  const a = state.annotate, index = a.index + delta;
+  if (!a.loading && !a.busy && index >= 0 && index < a.summary.images.length) openAt(index);
+}
+
+const withSelection = (kind, action) => () => {
+  const selected = state.annotate.selected;
+  if (selected && selected.kind === kind) action(kind === "proposal" ? selected.key : selected.id);
+};
+const ANNOTATE_KEYS = {
+  Enter: acceptShown, n: () => stepImage(1), p: () => stepImage(-1), ArrowRight: () => stepImage(1),
+  ArrowLeft: () => stepImage(-1), d: toggleDone, "]": () => stepProposal(1),
+  "[": () => stepProposal(-1), f: withSelection("proposal", fixProposal), r: withSelection("proposal", rejectProposal),
+  Delete: withSelection("accepted", deleteAnnotation), Backspace: withSelection("accepted", deleteAnnotation),
+};
+
+$("previous").addEventListener("click", () => stepImage(-1));
+$("next").addEventListener("click", () => stepImage(1));
+$("accept").addEventListener("click", acceptShown);
+$("done").addEventListener("click", toggleDone);
+$("show-proposals").addEventListener("change", (e) => {
+  const a = state.annotate;
+  if (!a || !a.image) return;
+  if (e.target.checked) loadProposals(a.token);
+  else {
+    a.proposals = [];
+    deselectProposal();
+    showAnnotation();
+  }
+});
+
+fetch("/api/info").then(readResponse).then((info) => { if (info.annotate) startAnnotating(); }).catch(() => {});
 
 window.samJax = {state, exports, decodeRle};
