@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
             del reference, params
         inputs = write_inputs(args, work / "inputs")
         n = len(os.listdir(inputs))
-        result = {"command": " ".join(["python -m experiments.benchmark_amg", *(argv or sys.argv[1:])]),
+        result = {"command": shlex.join(["python", "-m", "experiments.benchmark_amg", *(argv or sys.argv[1:])]),
                   "checkpoint": weights, "images": n, "amg": args.amg, "cpu": cpu_model(),
                   "threads": os.cpu_count(), "matmul_gflops_before": matmul_rate() / 1e9, "runs": []}
         for p in counts:

@@ -41,6 +41,9 @@ LONGEST_FILES = (
     "test_predictor.py",
     "test_text_prompts_inference.py",
     "test_eval_command.py",
+    "test_data_engine_loop.py",
+    "test_auto_label.py",
+    "test_beam_prepare.py",
 )
 
 

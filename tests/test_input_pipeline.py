@@ -116,6 +116,13 @@ def test_examples_without_a_usable_mask_are_dropped():
     assert sorted(int(b["image_id"][0]) for b in ds) == [0, 1, 2, 3]
 
 
+def test_a_split_without_a_usable_mask_is_an_error_not_a_hang():
+    whole = [make_record(40, 40, [(0, 0, 40, 40)], image_id=i)[0] for i in range(3)]  # each covers 100% > 90%
+    pipeline = InputPipeline(whole, config())
+    with pytest.raises(ValueError, match=r"106 examples in a row had no mask to train on.*max_mask_fraction=0.9"):
+        next(pipeline)
+
+
 def test_bad_record_error_names_the_record(source):
     bad = dict(source[0], image=np.zeros((8, 8), np.uint8), file_name=b"broken.jpg")
     pipeline = InputPipeline([bad] * 4, config())

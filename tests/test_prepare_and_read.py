@@ -76,6 +76,20 @@ def test_open_source_errors(data_dir, tmp_path):
         open_source("nope", "train", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"has splits \['train', 'validation'\], not 'test'"):
         open_source("sam_synthetic/small", "test", data_dir=str(data_dir))
+    with pytest.raises(ValueError, match=r"has splits \['train', 'validation'\], not 'test'"):
+        open_source("sam_synthetic/small", "test[:10%]", data_dir=str(data_dir))
+    with pytest.raises(ValueError, match=r"split 'train\[:x\]' of data set 'sam_synthetic/small': "):
+        open_source("sam_synthetic/small", "train[:x]", data_dir=str(data_dir))
+
+
+def test_a_slice_holds_out_part_of_a_split(data_dir):
+    """A one-split set (sa1b) trains on "train[:75%]" and holds out "train[75%:]"."""
+    whole = open_source("sam_synthetic/small", "train", data_dir=str(data_dir))
+    head = open_source("sam_synthetic/small", "train[:75%]", data_dir=str(data_dir))
+    tail = open_source("sam_synthetic/small", "train[75%:]", data_dir=str(data_dir))
+    assert len(head) + len(tail) == len(whole) and len(tail) == len(whole) // 4
+    names = [whole[i]["file_name"] for i in range(len(whole))]
+    assert [head[i]["file_name"] for i in range(len(head))] + [tail[i]["file_name"] for i in range(len(tail))] == names
 
 
 def test_bad_record_stops_prepare_with_one_line_or_is_counted(tmp_path, capsys):

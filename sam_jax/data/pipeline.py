@@ -63,7 +63,8 @@ def open_source(dataset: str, split: str, data_dir: Optional[str] = None):
 
     `dataset` is a registered name with optional config ("sam_synthetic/small",
     "sa1b") found under `data_dir`, or the directory of a prepared version
-    (".../sam_synthetic/small/1.0.0").
+    (".../sam_synthetic/small/1.0.0"); `split` a split or a slice of one
+    (tfds's "train[:95%]", "train[95%:]": held-out images of a one-split set).
     """
     import tensorflow_datasets as tfds  # reading needs tfds, not TensorFlow
 
@@ -84,9 +85,13 @@ def open_source(dataset: str, split: str, data_dir: Optional[str] = None):
                 f"data set {dataset!r} is not prepared under {builder.data_dir}; prepare it first "
                 "(python -m experiments.prepare_data --help)"
             )
-    if split not in builder.info.splits:
-        raise ValueError(f"data set {dataset!r} has splits {sorted(builder.info.splits)}, not {split!r}")
-    return builder.as_data_source(split)
+    base = split.partition("[")[0]
+    if base not in builder.info.splits:
+        raise ValueError(f"data set {dataset!r} has splits {sorted(builder.info.splits)}, not {base!r}")
+    try:
+        return builder.as_data_source(split)
+    except (ValueError, AssertionError) as err:  # a malformed slice: "train[:x]"
+        raise ValueError(f"split {split!r} of data set {dataset!r}: {' '.join(str(err).split())}") from None
 
 
 def process_slice(num_records: int, process_index: int, process_count: int) -> slice:
@@ -111,8 +116,28 @@ class _Preprocess(grain.transforms.RandomMap):
             raise ValueError(f"record {name!r} (image_id {record.get('image_id')}): {e}") from e
 
 
-def _has_masks(example) -> bool:
-    return bool(example["mask_valid"].any())
+class _HasMasks:
+    """Keeps examples with at least one target mask. `limit` examples in a row without one
+    mean that the split has no mask the preprocessing keeps (all empty, or all over
+    max_mask_fraction of their image): a ValueError then, where the filter would spin forever."""
+
+    def __init__(self, limit: int, max_mask_fraction: float):
+        self._limit = limit
+        self._max_mask_fraction = max_mask_fraction
+        self._misses = 0
+
+    def __call__(self, example) -> bool:
+        if example["mask_valid"].any():
+            self._misses = 0
+            return True
+        self._misses += 1
+        if self._misses >= self._limit:
+            raise ValueError(
+                f"{self._misses} examples in a row had no mask to train on: no mask of this split is both "
+                f"non-empty and within max_mask_fraction={self._max_mask_fraction} of its image (after the crop); "
+                "check the data set's masks"
+            )
+        return False
 
 
 def host_dataset(
@@ -139,7 +164,9 @@ def host_dataset(
         # Workers take positions round-robin and hand them back in order; filtering
         # and batching after them keep the batches independent of worker_count.
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
-    ds = ds.filter(_has_masks).batch(config.global_batch_size // process_count, drop_remainder=True)
+    # Two passes over this process's records without a mask: none will come.
+    limit = 2 * len(range(len(source))[process_slice(len(source), process_index, process_count)]) + 100
+    ds = ds.filter(_HasMasks(limit, config.preprocess.max_mask_fraction)).batch(config.global_batch_size // process_count, drop_remainder=True)
     return ds
 
 
