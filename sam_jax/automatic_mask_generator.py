@@ -97,10 +97,10 @@ def _mask_chunk(crop_size: Tuple[int, int]) -> int:
     return max(1, 2**26 // (crop_size[0] * crop_size[1]))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
 def predict_point_batch(model: Sam, params, features, points, valid, iou_floor,
-                   stability_offset: float, input_size: tuple, crop_size: tuple, chunk: int):
-    """One batch of single-point prompts, 3 masks each.
+                        stability_offset: float, input_size: tuple, crop_size: tuple, chunk: int):
+    """One batch of single-point prompts, 3 masks each: the decoder (compiled once, whatever
+    the crop) then the crop-size-specific summary (compiled once per crop size).
 
     Args:
       features: (1, h, w, D) image embedding of the crop.
@@ -111,19 +111,31 @@ def predict_point_batch(model: Sam, params, features, points, valid, iou_floor,
       boxes (3B, 4) int32 XYXY in the crop, and the masks (3B, H, ceil(W / 8)) uint8,
       bit-packed along W. Skipped masks have zero stability, box and mask.
     """
+    low_res, iou_preds = decode_points(model, params, features, points)
+    cfg = model.config
+    return summarise_masks(low_res, iou_preds, valid, iou_floor, stability_offset, input_size, crop_size,
+                           cfg.image_size, cfg.mask_threshold, chunk)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def decode_points(model: Sam, params, features, points):
+    """(B, 2) foreground points on one (1, h, w, D) embedding -> the 3B masks' low-res logits
+    (3B, 4h, 4w) and predicted IoUs (3B,), point-major."""
     b = points.shape[0]
     labels = jnp.full((b, 1), FOREGROUND, jnp.int32)
     low_res, iou_preds = decode_in_chunks(model, params, features, points[:, None, :], labels)
-    iou_preds = iou_preds.reshape(-1)
-    low_res = low_res.reshape(-1, *low_res.shape[2:])
+    return low_res.reshape(-1, *low_res.shape[2:]), iou_preds.reshape(-1)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9))
+def summarise_masks(low_res, iou_preds, valid, iou_floor, stability_offset: float, input_size: tuple,
+                    crop_size: tuple, image_size: int, threshold: float, chunk: int):
+    """`_mask_summary` of each of the 3B masks of `decode_points` (see `predict_point_batch`)."""
     n = len(low_res)
-    cfg = model.config
-    summary = functools.partial(
-        _mask_summary, input_size=input_size, crop_size=crop_size, image_size=cfg.image_size,
-        threshold=cfg.mask_threshold, offset=stability_offset,
-    )
+    summary = functools.partial(_mask_summary, input_size=input_size, crop_size=crop_size, image_size=image_size,
+                                threshold=threshold, offset=stability_offset)
     if chunk == 1:
-        active = jnp.repeat(valid, n // b) & (iou_preds > iou_floor)
+        active = jnp.repeat(valid, n // len(valid)) & (iou_preds > iou_floor)
         shapes = jax.eval_shape(summary, low_res[0])
         skip = lambda x: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         outputs = jax.lax.map(lambda a: jax.lax.cond(a[1], summary, skip, a[0]), (low_res, active))

@@ -32,7 +32,8 @@ from checkpoints_convert import reference_model
 from checkpoints_convert.official import official_to_flax
 from conftest import official_module
 from experiments.sample_image import synthetic_image
-from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator, predict_point_batch
+from sam_jax.automatic_mask_generator import (SamAutomaticMaskGenerator, decode_points, predict_point_batch,
+                                             summarise_masks)
 from sam_jax.modeling import Sam, postprocess_masks
 from sam_jax.predictor import SamPredictor
 from sam_jax.utils import amg
@@ -245,17 +246,20 @@ def test_vmapped_chunks_equal_one_at_a_time(structured):
         assert not np.asarray(a)[~summarised].any()
 
 
-def test_generate_is_repeatable_and_compiles_once_per_crop_size(structured):
+def test_generate_is_repeatable_and_compiles_the_decoder_once(structured):
+    """The decoder compiles once for every crop size; the summary once per crop size."""
     config, _, params = structured
     generator = SamAutomaticMaskGenerator(Sam(config), params, points_per_side=4, points_per_batch=5,
                                           pred_iou_thresh=0.0, stability_score_thresh=0.0)
     image = synthetic_image(97, 61, seed=1)  # a crop size no other test compiles for
     first = generator.generate(image)
-    before = predict_point_batch._cache_size()
+    decoders, summaries = decode_points._cache_size(), summarise_masks._cache_size()
     second = generator.generate(image)  # 16 points in 4 batches, the last one padded
-    assert predict_point_batch._cache_size() == before
+    assert (decode_points._cache_size(), summarise_masks._cache_size()) == (decoders, summaries)
     assert [r["segmentation"].tolist() for r in first] == [r["segmentation"].tolist() for r in second]
     assert len(first) > 0
+    generator.generate(synthetic_image(83, 71, seed=2))  # a new crop size: a new summary, the same decoder
+    assert (decode_points._cache_size(), summarise_masks._cache_size()) == (decoders, summaries + 1)
 
 
 # ------------------------------------------------------------------------------------- amg.py
