@@ -175,11 +175,14 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[list, bool]:
     if not (sep and name and split):
         raise common.UsageError(f"--input {args.input}: expected {TFDS_PREFIX}NAME:SPLIT, e.g. "
                                 f"{TFDS_PREFIX}sam_synthetic/small:validation")
+    import tensorflow_datasets as tfds
+
     try:
         source = open_source(name, split, args.data_dir)
+        names = open_source(name, split, args.data_dir, decoders={"image": tfds.decode.SkipDecoding()})
     except (ValueError, FileNotFoundError) as err:
         raise common.UsageError(f"--input {args.input}: {err}") from None
-    images = dataset_images(source, args.input)
+    images = dataset_images(source, names, args.input)
     if not images:
         raise common.UsageError(f"--input {args.input}: the split holds no records")
     return images, False

@@ -58,13 +58,14 @@ class PipelineConfig:
             )
 
 
-def open_source(dataset: str, split: str, data_dir: Optional[str] = None):
+def open_source(dataset: str, split: str, data_dir: Optional[str] = None, decoders: Optional[dict] = None):
     """A prepared split as a random-access source.
 
     `dataset` is a registered name with optional config ("sam_synthetic/small",
     "sa1b") found under `data_dir`, or the directory of a prepared version
     (".../sam_synthetic/small/1.0.0"); `split` a split or a slice of one
-    (tfds's "train[:95%]", "train[95%:]": held-out images of a one-split set).
+    (tfds's "train[:95%]", "train[95%:]": held-out images of a one-split set); `decoders`
+    as tfds takes them (`{"image": tfds.decode.SkipDecoding()}`: the image's bytes, undecoded).
     """
     import tensorflow_datasets as tfds  # reading needs tfds, not TensorFlow
 
@@ -89,7 +90,7 @@ def open_source(dataset: str, split: str, data_dir: Optional[str] = None):
     if base not in builder.info.splits:
         raise ValueError(f"data set {dataset!r} has splits {sorted(builder.info.splits)}, not {base!r}")
     try:
-        return builder.as_data_source(split)
+        return builder.as_data_source(split, decoders=decoders)
     except (ValueError, AssertionError) as err:  # a malformed slice: "train[:x]"
         raise ValueError(f"split {split!r} of data set {dataset!r}: {' '.join(str(err).split())}") from None
 

@@ -88,9 +88,10 @@ class DatasetImage:
         return Path(self.file_name).stem
 
 
-def dataset_images(source: Any, label: str) -> list[DatasetImage]:
-    """The records of a prepared split as inputs, in record order."""
-    return [DatasetImage(source, label, i, _text(source[i]["file_name"])) for i in range(len(source))]
+def dataset_images(source: Any, names: Any, label: str) -> list[DatasetImage]:
+    """The records of a prepared split as inputs, in record order; their file names read from
+    `names`, the same split opened without decoding images (listing decodes nothing)."""
+    return [DatasetImage(source, label, i, _text(names[i]["file_name"])) for i in range(len(names))]
 
 
 @dataclasses.dataclass
