@@ -2,7 +2,7 @@
 
     python -m experiments.benchmark_train_step                              # synthetic_cpu, both phases
     python -m experiments.benchmark_train_step --repeats 20 --set model.encoder.patch_size=8
-    python -m experiments.benchmark_train_step --profile workdir/step_trace  # + a jax.profiler trace
+    python -m experiments.benchmark_train_step --profile workdir/step_trace  # + a trace, time by model part
 
 Times the step that `experiments.train` compiles for each phase of a config: "single_prompt" (the
 loop's first iteration only, what `single_prompt_steps` train) and "full_loop" (all interactive
@@ -17,10 +17,12 @@ with glibc's huge-page malloc tunable.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import re
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -62,10 +64,16 @@ def train_batch(config, batch_size: int, seed: int = 0) -> dict:
     return batch
 
 
-def prepare_step(config, interactive, batch_size: int) -> Tuple[Callable[[], dict], float, float]:
+class PreparedStep(NamedTuple):
+    run: Callable[[], dict]  # runs a step, feeding the state on as training does; returns its metrics when ready
+    flops: float  # XLA's count per step
+    compile_s: float
+    hlo: str  # the compiled step's optimised HLO (names and op_name metadata of what a trace shows)
+
+
+def prepare_step(config, interactive, batch_size: int) -> PreparedStep:
     """The jitted train step of `interactive` for `config`, compiled ahead of time on a fixed
-    `train_batch`: (one_step, XLA FLOPs per step, compile seconds). one_step() runs a step,
-    feeding the state on as training does, and returns its metrics once they are ready."""
+    `train_batch`."""
     model = build_model(config)
     state = create_train_state(initial_params(config, model), config.optimizer, config.model, config.seed)
     step = jax.jit(make_train_step(model, config.optimizer, interactive), donate_argnums=(0,))
@@ -79,18 +87,73 @@ def prepare_step(config, interactive, batch_size: int) -> Tuple[Callable[[], dic
         holder["state"], metrics = compiled(holder["state"], batch)
         return jax.block_until_ready(metrics)
 
-    return one_step, flops, compile_s
+    return PreparedStep(one_step, flops, compile_s, compiled.as_text())
+
+
+# Where a step's time goes: the first pattern that an op's `op_name` metadata matches names its part.
+# The library marks the loss, the prompt sampling and the optimizer update with `jax.named_scope`.
+STEP_PARTS = (
+    ("image encoder", r"image_encoder"),
+    ("prompt encoder", r"prompt_encoder"),
+    ("mask decoder: two-way transformer", r"mask_decoder/.*transformer/"),
+    ("mask decoder: upscaling, mask products, IoU head", r"mask_decoder"),
+    ("loss", r"/loss/"),
+    ("prompt sampling", r"/prompt_sampling/"),
+    ("optimizer update", r"/optimizer/"),
+)
+PROFILED_STEPS = 3
+
+
+def op_time_by_part(trace_dir: Path, hlo: str, steps: int) -> dict:
+    """Per step, the op time of a `jax.profiler` trace (with a Perfetto JSON) of `steps` steps of the
+    compiled step whose HLO is `hlo`, by model part (`STEP_PARTS`) and pass: "forward", or "backward"
+    (the gradient, with the forward passes that rematerialisation recomputes for it). Times are summed
+    over the runtime's threads, so they add up to more than the wall time when ops run side by side;
+    "unattributed" is what carries no op_name (copies, loop control)."""
+    traces = sorted(trace_dir.glob("**/*.trace.json.gz"), key=lambda path: path.stat().st_mtime)
+    if not traces:
+        raise FileNotFoundError(f"no Perfetto trace (*.trace.json.gz) under {trace_dir}")
+    op_names = dict(re.findall(r'^\s*(?:ROOT )?%([\w.\-]+) = [^\n]*?metadata=\{op_name="([^"]+)"', hlo, re.M))
+    instructions = set(re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = ", hlo, re.M))
+    totals: dict = {}
+    with gzip.open(traces[-1]) as f:
+        events = json.load(f)["traceEvents"]
+    for event in events:
+        if event.get("ph") != "X" or event.get("name") not in instructions:
+            continue
+        op_name = op_names.get(event["name"])
+        if op_name is None:
+            part, direction = "unattributed", "forward"
+        else:
+            part = next((name for name, pattern in STEP_PARTS if re.search(pattern, op_name)), "other")
+            direction = "backward" if "transpose(" in op_name else "forward"
+        entry = totals.setdefault(part, {"forward_ms": 0.0, "backward_ms": 0.0, "ops": 0})
+        entry[f"{direction}_ms"] += event["dur"] / 1e3 / steps
+        entry["ops"] += 1
+    for entry in totals.values():
+        entry.update(forward_ms=round(entry["forward_ms"], 2), backward_ms=round(entry["backward_ms"], 2),
+                     ops=round(entry["ops"] / steps))
+    total = sum(entry["forward_ms"] + entry["backward_ms"] for entry in totals.values())
+    parts = dict(sorted(totals.items(), key=lambda item: -(item[1]["forward_ms"] + item[1]["backward_ms"])))
+    for entry in parts.values():
+        entry["share"] = round((entry["forward_ms"] + entry["backward_ms"]) / total, 3)
+    return {"op_ms_per_step": round(total, 1), "ops_per_step": sum(e["ops"] for e in parts.values()),
+            "parts": parts}
 
 
 def bench_phase(config, phase: str, repeats: int, profile_dir: Optional[str]) -> dict:
     interactive = config.interactive_at(1 if phase == "single_prompt" else config.total_steps)
-    one_step, flops, compile_s = prepare_step(config, interactive, config.data.global_batch_size)
+    prepared = prepare_step(config, interactive, config.data.global_batch_size)
+    one_step, flops, compile_s = prepared.run, prepared.flops, prepared.compile_s
     first = one_step()  # the first call of a compiled step still allocates; not timed
     entry = timed(one_step, repeats)
+    profile = None
     if profile_dir:
-        with jax.profiler.trace(str(Path(profile_dir) / phase)):
-            for _ in range(3):
+        trace_dir = Path(profile_dir) / phase
+        with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+            for _ in range(PROFILED_STEPS):
                 one_step()
+        profile = op_time_by_part(trace_dir, prepared.hlo, PROFILED_STEPS)
     return {
         "iterations": interactive.num_iterations,
         "images": config.data.global_batch_size,
@@ -100,6 +163,7 @@ def bench_phase(config, phase: str, repeats: int, profile_dir: Optional[str]) ->
         "xla_gflops_per_step": flops / 1e9,
         "gflops_per_s": flops / entry["median_s"] / 1e9,
         "loss": float(first["total_loss"]),
+        **({"profile": profile} if profile else {}),
     }
 
 
@@ -109,7 +173,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per phase")
-    parser.add_argument("--profile", help="write a jax.profiler trace of 3 more steps per phase here")
+    parser.add_argument("--profile", help="write a jax.profiler trace of 3 more steps per phase here, and their op "
+                                          "time by model part to the JSON")
     parser.add_argument("--output", help="default workdir/benchmarks/train_step_<config>.json")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -126,6 +191,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         print(f"{phase}: {entry['median_s'] * 1e3:.1f} ms/step (min {entry['min_s'] * 1e3:.1f}), "
               f"{entry['xla_gflops_per_step']:.2f} GFLOP, {entry['gflops_per_s']:.1f} GFLOP/s, "
               f"compile {entry['compile_s']} s", flush=True)
+        for part, times in entry.get("profile", {}).get("parts", {}).items():
+            print(f"  {part}: {times['forward_ms']:.1f} ms forward + {times['backward_ms']:.1f} ms backward "
+                  f"({times['share']:.0%} of the op time, {times['ops']} ops)")
     result["matmul_fp32_gflops_per_s_after"] = round(matmul_rate(2048, 5) / 1e9, 1)
     output = Path(args.output or f"workdir/benchmarks/train_step_{args.config}.json")
     output.parent.mkdir(parents=True, exist_ok=True)

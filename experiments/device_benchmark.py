@@ -173,7 +173,7 @@ def bench_train(result, args):
     overrides = [f"data.global_batch_size={args.train_batch}", f"attention_impl={args.train_attention}",
                  "dtype=bfloat16"]
     config = get_train_config(args.train_config, tuple(overrides + args.train_set))
-    one_step, flops, compile_s = prepare_step(config, config.interactive, args.train_batch)
+    one_step, flops, compile_s, _ = prepare_step(config, config.interactive, args.train_batch)
     entry = timed(one_step, args.repeats)
     entry.update(
         config=args.train_config, model=config.model.name, per_device_batch=args.train_batch,

@@ -1,4 +1,5 @@
-"""experiments/benchmark_train_step.py on the smoke config's micro model: both phases measured, the JSON consistent."""
+"""experiments/benchmark_train_step.py on the smoke config's micro model: both phases measured, the JSON
+consistent, the profiled op time attributed to the model's parts."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from test_train_run import MICRO
 def test_both_phases_are_timed_with_their_flops(tmp_path):
     output = tmp_path / "step.json"
     overrides = [arg for override in MICRO for arg in ("--set", override)]  # compiles in half the time
-    benchmark_train_step.main(["--config", "synthetic_smoke", "--repeats", "2", "--output", str(output), *overrides])
+    benchmark_train_step.main(["--config", "synthetic_smoke", "--repeats", "2", "--output", str(output),
+                               "--profile", str(tmp_path / "trace"), *overrides])
     result = json.loads(output.read_text())
     config = get_config("synthetic_smoke")
     assert result["cpu_model"] and result["matmul_fp32_gflops_per_s"] > 0
@@ -27,3 +29,20 @@ def test_both_phases_are_timed_with_their_flops(tmp_path):
         assert math.isfinite(entry["loss"]) and entry["loss"] > 0
     # Three more decoder iterations (each with its rematerialised forward) cost FLOPs.
     assert full["xla_gflops_per_step"] > single["xla_gflops_per_step"] > 0
+    # The profile: every part of the step found in the trace, the decoder's backward pass (with its
+    # rematerialised forward) costlier than its forward, the later iterations' prompt sampling.
+    for entry in (single, full):
+        parts = entry["profile"]["parts"]
+        for part in ("image encoder", "prompt encoder", "mask decoder: two-way transformer",
+                     "mask decoder: upscaling, mask products, IoU head", "loss", "optimizer update"):
+            assert parts[part]["forward_ms"] + parts[part]["backward_ms"] > 0 and parts[part]["ops"] > 0, part
+        assert parts["image encoder"]["backward_ms"] > 0
+        decoder = parts["mask decoder: two-way transformer"]
+        assert decoder["backward_ms"] > decoder["forward_ms"]
+        assert math.isclose(sum(p["share"] for p in parts.values()), 1.0, abs_tol=0.01)
+        assert math.isclose(entry["profile"]["op_ms_per_step"],
+                            sum(p["forward_ms"] + p["backward_ms"] for p in parts.values()), rel_tol=0.01)
+    sampling_ops = lambda entry: entry["profile"]["parts"].get("prompt sampling", {"ops": 0})["ops"]
+    assert sampling_ops(full) > sampling_ops(single)
+    assert (full["profile"]["parts"]["mask decoder: two-way transformer"]["ops"]
+            > 2 * single["profile"]["parts"]["mask decoder: two-way transformer"]["ops"])

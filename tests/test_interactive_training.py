@@ -14,6 +14,7 @@ from sam_jax.modeling import Sam, preprocess_padded
 from test_train_step import micro_config
 from sam_jax.modeling.prompt_encoder import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, FOREGROUND, PADDING
 from sam_jax.training import prompt_sampling
+from sam_jax.training.losses import sam_loss
 from sam_jax.training.interactive import InteractiveConfig, correction_schedule, initial_prompts, interactive_loss, make_decode
 
 MASKS = hnp.arrays(np.bool_, st.tuples(st.integers(1, 12), st.integers(1, 12)))
@@ -198,6 +199,25 @@ def test_every_correction_lies_in_the_previous_error_region():
                 added += 1
     assert added == 8 * int(valid.sum())  # random predictions always leave errors to correct
     assert np.isfinite(float(loss))
+
+
+@pytest.mark.parametrize("supervise_all_iou", [False, True])
+def test_iou_loss_supervises_the_chosen_candidate_or_all(supervise_all_iou):
+    """A multimask step's IoU loss is `sam_loss`'s: of the lowest-loss candidate, or of all three
+    with `supervise_all_iou` (SAM 2's option)."""
+    batch = jax.tree.map(jnp.asarray, _batch(t=256, low=64))
+    logits = jax.random.normal(jax.random.PRNGKey(5), (2, 3, 3, 64, 64)) + 2.0 * (batch["masks_low_res"][:, :, None] - 0.5)
+    iou = jax.random.uniform(jax.random.PRNGKey(6), (2, 3, 3))
+    decode = lambda embeddings, coords, labels, mask_inputs, multimask: (logits, iou)
+    config = InteractiveConfig(num_correction_points=0, num_mask_only=0, supervise_all_iou=supervise_all_iou)
+    _, metrics = interactive_loss(decode, jnp.zeros((2, 1, 1, 1)), batch, jax.random.split(jax.random.PRNGKey(0), 2),
+                                  config, 256)
+    _, parts = sam_loss(logits.reshape(6, 3, 64, 64), iou.reshape(6, 3), batch["masks_low_res"].reshape(6, 64, 64),
+                        batch["mask_valid"].reshape(6), supervise_all_iou=supervise_all_iou)
+    _, other = sam_loss(logits.reshape(6, 3, 64, 64), iou.reshape(6, 3), batch["masks_low_res"].reshape(6, 64, 64),
+                        batch["mask_valid"].reshape(6), supervise_all_iou=not supervise_all_iou)
+    np.testing.assert_allclose(metrics["iou_loss"][0], parts["iou"], rtol=1e-6)
+    assert abs(float(parts["iou"]) - float(other["iou"])) > 1e-3
 
 
 def test_gradients_reach_encoder_and_decoder_and_no_recompile(tiny):

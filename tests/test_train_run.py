@@ -209,7 +209,7 @@ def test_bad_overrides_are_one_line_errors(overrides, message):
     (("optimizer.decay_steps=()", "optimizer.total_steps=800", "single_prompt_steps=800"), (800, (), 800)),
 ])
 def test_overrides_checked_against_each_other_apply_in_any_order(overrides, expected):
-    config = get_config("synthetic_cpu", overrides)  # synthetic_cpu: 1,700 steps, decay at 1,600, 1,500 single-prompt
+    config = get_config("synthetic_cpu", overrides)  # synthetic_cpu: 2,200 steps, decay at 1,950, 1,500 single-prompt
     assert (config.optimizer.total_steps, config.optimizer.decay_steps, config.single_prompt_steps) == expected
     assert config.data == get_config("synthetic_cpu").data
 

@@ -66,6 +66,9 @@ class InteractiveConfig:
     dice_weight: float = 1.0
     iou_weight: float = 1.0
     iou_kind: str = "mse"
+    # Supervise the IoU predictions of all C candidates of a multimask step (SAM 2's released
+    # training code), not only the lowest-loss one's: the IoU head then learns to rank them.
+    supervise_all_iou: bool = False
     # Decode an image's masks in this many rematerialised chunks (a lax.map): the decoder holds
     # one (masks / chunks) x tokens x 256 copy of the image tokens per activation, the bulk of a
     # 64-mask step's memory (`experiments/memory_plan.py`). Same losses, more recomputation.
@@ -160,7 +163,8 @@ def initial_prompts(
         )
         return use_box, point, noisy
 
-    use_box, point, box = jax.vmap(one)(mask_keys, targets, boxes, image_hw)
+    with jax.named_scope("prompt_sampling"):
+        use_box, point, box = jax.vmap(one)(mask_keys, targets, boxes, image_hw)
     use_point = ~use_box
     if use_text is not None:
         use_box, use_point = use_box & ~use_text, use_point & ~use_text
@@ -259,11 +263,13 @@ def interactive_loss(
         logits, iou = jax.lax.map(chunk, (split(coords), split(labels), maybe(mask_inputs), *texts))
         return merge(logits), merge(iou)
 
+    @jax.named_scope("loss")
     def loss_of(logits, iou):
         total, parts = sam_loss(
             _at_loss_resolution(logits, size), iou, targets, valid,
             focal_weight=config.focal_weight, dice_weight=config.dice_weight,
-            iou_weight=config.iou_weight, iou_kind=config.iou_kind, num_valid=num_valid,
+            iou_weight=config.iou_weight, iou_kind=config.iou_kind,
+            supervise_all_iou=config.supervise_all_iou, num_valid=num_valid,
         )
         best = _at_loss_resolution(_best(logits, iou), size)[:, 0]
         metrics = {"loss": total, "focal": parts["focal"], "dice": parts["dice"], "iou_loss": parts["iou"],
@@ -291,9 +297,10 @@ def interactive_loss(
         add, t = inputs
         predicted = _at_loss_resolution(previous, size)[:, 0] > 0
         keys = jax.vmap(lambda key: jax.random.fold_in(jax.random.fold_in(key, _CORRECTION), t))(mask_keys)
-        point, label, has_error = jax.vmap(prompt_sampling.sample_correction, (0, 0, 0, None))(
-            keys, predicted, targets, image_size
-        )
+        with jax.named_scope("prompt_sampling"):
+            point, label, has_error = jax.vmap(prompt_sampling.sample_correction, (0, 0, 0, None))(
+                keys, predicted, targets, image_size
+            )
         add = add & has_error & valid
         write = add[:, None] & (slots[None, :] == 1 + added[:, None])  # (K, N): the next correction slot
         coords = jnp.where(write[..., None], point[:, None, :], coords)

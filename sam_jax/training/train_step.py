@@ -158,18 +158,19 @@ def make_train_step(
             loss, grads = jax.lax.psum((loss, grads), axis_name)
             metrics = jax.lax.psum(metrics, axis_name)  # every metric is a share of the global mean
 
-        finite = jnp.isfinite(loss) & _all_finite(grads)
-        optimizer = make_optimizer(optimizer_config, state.params, model.config)  # built from the tree's paths
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        state = state.replace(
-            step=state.step + 1,
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt_state, state.opt_state),
-            nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
-            nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, 1),
-        )
+        with jax.named_scope("optimizer"):
+            finite = jnp.isfinite(loss) & _all_finite(grads)
+            optimizer = make_optimizer(optimizer_config, state.params, model.config)  # built from the tree's paths
+            updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+            new_params = optax.apply_updates(state.params, updates)
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            state = state.replace(
+                step=state.step + 1,
+                params=keep(new_params, state.params),
+                opt_state=keep(new_opt_state, state.opt_state),
+                nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
+                nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, 1),
+            )
         metrics = dict(metrics, total_loss=loss, grad_norm=optax.tree.norm(grads), skipped=~finite,
                        learning_rate=learning_rate(state.step - 1))
         return state, metrics
