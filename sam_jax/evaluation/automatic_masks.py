@@ -127,6 +127,13 @@ def _compressed(segmentation: Any, size: tuple, where: str) -> Dict[str, Any]:
     return {"size": [h, w], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
 
 
+def _areas(rles: List[Dict[str, Any]]) -> np.ndarray:
+    """pycocotools' `mask.area`, 255 RLEs at a time: under NumPy 2 it raises an OverflowError for
+    256 or more (it builds a uint8 array holding their count), which an image's automatic masks
+    reach with the filters open."""
+    return np.concatenate([mask_utils.area(rles[i:i + 255]) for i in range(0, len(rles), 255)])
+
+
 class _Scorer:
     """Accumulates images one at a time: ground truth, COCO results, best IoUs."""
 
@@ -142,7 +149,7 @@ class _Scorer:
         where = f"image {inst.image_id}"
         rles = [_compressed(r["segmentation"], inst.size, f"{where} mask {k}") for k, r in enumerate(records)]
         if rles:
-            boxes, areas = mask_utils.toBbox(rles), mask_utils.area(rles)
+            boxes, areas = mask_utils.toBbox(rles), _areas(rles)
         for k, (segmentation, record) in enumerate(zip(rles, records)):
             self.results.append({
                 "image_id": int(inst.image_id),
