@@ -14,7 +14,7 @@ from sam_jax import Sam, save_params
 from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
 from sam_jax.batch_predictor import SamBatchPredictor
 from sam_jax.data.pipeline import open_source
-from sam_jax.evaluation.automatic_masks import AmgSettings, _Scorer, score_masks
+from sam_jax.evaluation.automatic_masks import AmgSettings, score_masks
 from sam_jax.evaluation.box_prompts import STATS
 from sam_jax.evaluation.instances import Instances, read_instances
 from sam_jax.utils.amg import batched_mask_to_box, coco_encode_rle, mask_to_rle
@@ -252,24 +252,23 @@ def test_automatic_mask_recall_counts_each_iou_threshold():
 
 
 def test_an_image_with_hundreds_of_masks_is_scored():
-    """300 masks on one image (the generator's count with its filters open): every area and box is
-    the mask's own (pycocotools' `area` alone overflows past 255 masks under NumPy 2)."""
+    """300 masks on one image (the generator's count with its filters open; pycocotools' `area`
+    alone overflows past 255 masks under NumPy 2), the two ground-truth masks among them scored
+    highest: AP 1, every object small (COCO's areas under 32^2), recall 1."""
     rng = np.random.default_rng(0)
     masks = np.zeros((300, 40, 50), bool)
     for k in range(300):
         y, x = rng.integers(0, 30), rng.integers(0, 40)
         masks[k, y:y + 1 + k % 10, x:x + 1 + k % 7] = True
-    boxes = np.asarray(batched_mask_to_box(masks))
-    xywh = [[x0, y0, x1 - x0 + 1, y1 - y0 + 1] for x0, y0, x1, y1 in boxes.tolist()]
-    truth = masks[:2]
-    instances = Instances(image=np.zeros((40, 50, 3), np.uint8), image_id=3, file_name="3.png", masks=truth,
-                          boxes=np.asarray(xywh[:2], np.float32), ids=np.arange(2),
-                          category_ids=np.ones(2, np.int64), iscrowd=np.zeros(2, bool))
-    scorer = _Scorer()
-    scorer.add(generator_records(masks, np.linspace(0.9, 0.1, 300), "coco_rle"), instances)
-    assert [r["area"] for r in scorer.results] == masks.sum(axis=(1, 2)).tolist()
-    assert [r["bbox"] for r in scorer.results] == xywh
-    assert scorer.result().recall == {0.5: 1.0, 0.75: 1.0}
+    boxes = np.asarray(batched_mask_to_box(masks[:2]))
+    instances = Instances(image=np.zeros((40, 50, 3), np.uint8), image_id=3, file_name="3.png", masks=masks[:2],
+                          boxes=np.asarray([[x0, y0, x1 - x0 + 1, y1 - y0 + 1] for x0, y0, x1, y1 in boxes.tolist()],
+                                           np.float32),
+                          ids=np.arange(2), category_ids=np.ones(2, np.int64), iscrowd=np.zeros(2, bool))
+    result = score_masks([generator_records(masks, np.linspace(0.9, 0.1, 300), "coco_rle")], [instances])
+    assert list(result.masks_per_image) == [300] and result.recall == {0.5: 1.0, 0.75: 1.0}
+    for ap in (result.box_ap, result.mask_ap):
+        assert (ap["AP"], ap["APs"], ap["APm"], ap["APl"]) == (1.0, 1.0, -1.0, -1.0)
 
 
 def test_eval_runs_the_automatic_mask_generator(checkpoint, synthetic_data_dir, tmp_path, capsys):
