@@ -142,6 +142,14 @@ def markdown(results: Dict[str, Any]) -> str:
             "| mIoU, most confident | " + " | ".join(f"{points['miou'][c]:.3f}" for c in clicks) + " |",
             "| mIoU, oracle | " + " | ".join(f"{points['oracle_miou'][c]:.3f}" for c in clicks) + " |", "",
         ]
+        head = points.get("iou_head_first_click")
+        if head and head["picks_best"] is not None:
+            r = "undefined (no spread)" if head["pearson"] is None else f"{head['pearson']:.3f}"
+            lines += [
+                f"IoU head at the first click: Pearson r {r} between the outputs' predicted and actual IoU; "
+                f"the most confident output is a best one for {100 * head['picks_best']:.1f}% of masks; "
+                f"mean absolute error {head['mean_abs_error']:.3f}.", "",
+            ]
     boxes = results.get("boxes")
     if boxes:
         names = ("AP", "AP50", "AP75", "APs", "APm", "APl")

@@ -45,11 +45,15 @@ def test_eval_writes_json_markdown_and_plot_with_the_protocols_figures(tiny, che
     config, _, params = tiny
     direct = evaluate_images(SamBatchPredictor(Sam(config), params), instances, ProtocolConfig(num_clicks=5))
     np.testing.assert_allclose(points["miou_per_click"], direct.miou(), atol=1e-6)
+    head = points["iou_head_first_click"]
+    assert head["picks_best"] == pytest.approx(direct.iou_head()["picks_best"])
+    np.testing.assert_allclose(head["mean_predicted"], direct.first_click_predicted_iou.mean(axis=0), atol=1e-5)
     assert points["num_masks"] == sum(len(x.masks) for x in instances)
     assert boxes["num_boxes"] == points["num_masks"] and boxes["box_source"] == "ground_truth"
     assert all(-1.0 <= v <= 1.0 for v in boxes["mask_ap"].values())
     table = (tmp_path / "results.md").read_text()
     assert f"| mIoU, most confident | {points['miou']['1']:.3f}" in table and "| AP | AP50 |" in table
+    assert f"a best one for {100 * head['picks_best']:.1f}% of masks" in table
     assert (tmp_path / "miou_vs_clicks.png").stat().st_size > 1000
 
 

@@ -1,6 +1,8 @@
 """The paper's point protocol: click placement against a brute-force reference, and the
 protocol loop driven by predictors whose scores are known by hand."""
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -155,6 +157,37 @@ def test_the_oracle_takes_the_best_of_three_at_the_first_click_only():
     np.testing.assert_array_equal(result.iou, 0.0)
     np.testing.assert_array_equal(result.oracle_iou[:, 0], 1.0)
     np.testing.assert_array_equal(result.oracle_iou[:, 1], 0.0)
+
+
+def test_the_iou_head_is_scored_on_the_first_clicks_outputs():
+    """Every mask's second output is its target, the others empty (actual IoU 0, 1, 0). Image 0's
+    mask scores the outputs 0.9 / 0.1 / 0.0 (the wrong one first), image 1's two 0.2 / 0.8 / 0.1;
+    the padding slot's 5.0 must count nowhere."""
+    targets, valid, ids = _scene()
+    scores = np.array([[[0.9, 0.1, 0.0], [5.0, 5.0, 5.0]], [[0.2, 0.8, 0.1], [0.2, 0.8, 0.1]]], np.float32)
+
+    def predict(coords, labels, mask_inputs, multimask):
+        empty = np.zeros_like(targets)
+        if not multimask:
+            return targets[:, :, None], np.ones(targets.shape[:2] + (1,), np.float32), np.zeros((2, 2, 1, 4, 4))
+        return np.stack([empty, targets, empty], axis=2), scores, np.zeros((2, 2, 3, 4, 4), np.float32)
+
+    result = run_protocol(predict, targets, valid, ids, ProtocolConfig(num_clicks=2))
+    np.testing.assert_array_equal(result.first_click_output_iou, [[0, 1, 0]] * 3)
+    np.testing.assert_array_equal(result.first_click_predicted_iou, scores[valid])
+    head = json.loads(json.dumps(result.summary()))["iou_head_first_click"]
+    predicted = [0.9, 0.1, 0.0, 0.2, 0.8, 0.1, 0.2, 0.8, 0.1]
+    actual = [0, 1, 0] * 3
+    assert head["pearson"] == pytest.approx(np.corrcoef(predicted, actual)[0, 1])
+    assert head["picks_best"] == pytest.approx(2 / 3)
+    assert head["mean_abs_error"] == pytest.approx((1.8 + 0.5 + 0.5) / 9)
+    assert head["mean_predicted"] == pytest.approx([1.3 / 3, 1.7 / 3, 0.2 / 3])
+    assert head["mean_actual"] == pytest.approx([0, 1, 0])
+    # Scores without spread say nothing about the outputs: no correlation is reported, and the
+    # tie goes to the first output, as the most confident mask's does.
+    scores[:] = 0.5
+    flat = run_protocol(predict, targets, valid, ids, ProtocolConfig(num_clicks=1)).iou_head()
+    assert flat["pearson"] is None and flat["picks_best"] == 0.0
 
 
 def test_clicks_accumulate_with_labels_and_padding():

@@ -74,9 +74,11 @@ def test_a_run_writes_logs_pictures_and_a_loadable_model(finished_run):
             f"train/miou_iter_{k}" for k in range(1, iterations + 1)}
         assert row["train/steps_per_s"] > 0 and row["train/grad_norm"] > 0
     eval_row = rows[-1]
-    assert eval_row["step"] == 8 and set(eval_row) >= {"eval/miou_1_clicks", "eval/miou_3_clicks"}
+    assert eval_row["step"] == 8 and set(eval_row) >= {"eval/miou_1_clicks", "eval/miou_3_clicks",
+                                                        "eval/iou_head_picks_best"}
     assert json.loads(out) == json.loads((workdir / "eval.json").read_text())
     assert json.loads(out)["num_images"] == 4
+    assert eval_row["eval/iou_head_picks_best"] == json.loads(out)["iou_head_first_click"]["picks_best"]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

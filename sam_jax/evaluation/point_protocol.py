@@ -74,17 +74,29 @@ class ProtocolConfig:
             raise ValueError(f"first_click must be one of {FIRST_CLICKS}, got {self.first_click!r}")
 
 
-_PER_MASK = ("iou", "oracle_iou", "image_ids", "mask_fraction")  # the fields parts concatenate
+_PER_MASK = ("iou", "oracle_iou", "image_ids", "mask_fraction", "first_click_predicted_iou",
+             "first_click_output_iou")  # the fields parts concatenate
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> Optional[float]:
+    """Pearson's r of two flat arrays; None where it is undefined (under 2 values, or no spread)."""
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 @dataclasses.dataclass
 class ProtocolResult:
-    """Per-mask IoUs (num_masks, num_clicks) of the most confident mask and of the oracle."""
+    """Per-mask IoUs (num_masks, num_clicks) of the most confident mask and of the oracle,
+    and the first click's C outputs: the IoU head's predictions and their actual IoUs."""
 
     iou: np.ndarray
     oracle_iou: np.ndarray
     image_ids: np.ndarray  # (num_masks,) the image of each mask
     mask_fraction: np.ndarray  # (num_masks,) each mask's area over its image's
+    first_click_predicted_iou: np.ndarray  # (num_masks, C) the IoU head's scores of the multimask outputs
+    first_click_output_iou: np.ndarray  # (num_masks, C) those outputs' IoU against the target
     # With evaluate_batch(keep_clicks=...): the batch's (B, M, T, T) predictions after those
     # clicks ({click count: masks}), and every click, coords (B, M, n, 2) and labels (B, M, n).
     predictions: Optional[Dict[int, np.ndarray]] = None
@@ -110,6 +122,27 @@ class ProtocolResult:
             "oracle_miou": {str(c): float(oracle[c - 1]) for c in clicks},
             "miou_per_click": [float(v) for v in miou],
             "miou_by_mask_size": self.by_mask_size(clicks),
+            "iou_head_first_click": self.iou_head(),
+        }
+
+    def iou_head(self) -> Dict[str, Any]:
+        """How well the IoU head's scores of the first click's C outputs predict their actual IoU:
+        Pearson's r over all masks and outputs ("pearson": what ranking masks across prompts,
+        as the automatic mask generator does, relies on; None without spread), the share of
+        masks whose most confident output is a best one ("picks_best": what separates the
+        most confident mIoU from the oracle's), the mean absolute error, and per output the
+        mean predicted and actual IoU."""
+        predicted, actual = self.first_click_predicted_iou, self.first_click_output_iou
+        if not len(actual):
+            return {"pearson": None, "picks_best": None, "mean_abs_error": None,
+                    "mean_predicted": [], "mean_actual": []}
+        chosen = np.take_along_axis(actual, predicted.argmax(axis=1)[:, None], axis=1)[:, 0]
+        return {
+            "pearson": _pearson(predicted, actual),
+            "picks_best": float(np.mean(chosen >= actual.max(axis=1))),
+            "mean_abs_error": float(np.abs(predicted - actual).mean()),
+            "mean_predicted": [float(v) for v in predicted.mean(axis=0)],
+            "mean_actual": [float(v) for v in actual.mean(axis=0)],
         }
 
     def by_mask_size(self, clicks) -> Dict[str, Any]:
@@ -172,6 +205,7 @@ def run_protocol(predict: PredictFn, targets: np.ndarray, valid: np.ndarray, ima
     mask_inputs = None
     iou = np.zeros((b, m, n), np.float32)
     oracle = np.zeros((b, m, n), np.float32)
+    first_scores = first_ious = None
     device_targets = jnp.asarray(targets)
     kept: Dict[int, np.ndarray] = {}
     for click in range(n):
@@ -189,15 +223,18 @@ def run_protocol(predict: PredictFn, targets: np.ndarray, valid: np.ndarray, ima
         best, mask_inputs, best_iou, output_ious = _score(masks, scores, low_res, device_targets)
         iou[:, :, click] = np.asarray(best_iou)
         oracle[:, :, click] = np.asarray(output_ious).max(axis=-1)
+        if click == 0:
+            first_scores, first_ious = np.asarray(scores, np.float32), np.asarray(output_ious, np.float32)
         predicted = np.asarray(best)
         if click + 1 in keep_clicks:
             kept[click + 1] = predicted
     per_mask_image = np.repeat(np.asarray(image_ids)[:, None], m, axis=1)[valid]
     image_hw = np.full((b, 2), targets.shape[-2:]) if image_hw is None else np.asarray(image_hw)
     fraction = targets.sum(axis=(-2, -1)) / np.maximum(np.prod(image_hw, axis=-1, keepdims=True), 1)  # padding: 0
+    per_mask = (iou[valid], oracle[valid], per_mask_image, fraction[valid], first_scores[valid], first_ious[valid])
     if not keep_clicks:
-        return ProtocolResult(iou[valid], oracle[valid], per_mask_image, fraction[valid])
-    return ProtocolResult(iou[valid], oracle[valid], per_mask_image, fraction[valid], kept, coords, labels)
+        return ProtocolResult(*per_mask)
+    return ProtocolResult(*per_mask, kept, coords, labels)
 
 
 def evaluate_batch(model: Sam, params, batch: Dict[str, np.ndarray], config: ProtocolConfig,

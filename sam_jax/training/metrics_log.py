@@ -70,4 +70,6 @@ def eval_row(step: int, summary: Dict[str, Any]) -> Dict[str, Any]:
     row = {"step": step}
     row.update({f"eval/miou_{c}_clicks": v for c, v in summary["miou"].items()})
     row.update({f"eval/oracle_miou_{c}_clicks": v for c, v in summary["oracle_miou"].items()})
+    head = summary["iou_head_first_click"]  # where defined: r needs spread in the scores
+    row.update({f"eval/iou_head_{k}": head[k] for k in ("pearson", "picks_best") if head[k] is not None})
     return row
