@@ -67,7 +67,8 @@ class InteractiveConfig:
     iou_weight: float = 1.0
     iou_kind: str = "mse"
     # Supervise the IoU predictions of all C candidates of a multimask step (SAM 2's released
-    # training code), not only the lowest-loss one's: the IoU head then learns to rank them.
+    # training code), not only the lowest-loss one's, so that every candidate's score is trained
+    # (on the synthetic job it did not make the head rank them better: README, Training).
     supervise_all_iou: bool = False
     # Decode an image's masks in this many rematerialised chunks (a lax.map): the decoder holds
     # one (masks / chunks) x tokens x 256 copy of the image tokens per activation, the bulk of a
