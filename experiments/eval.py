@@ -24,6 +24,11 @@ ground truth, categories ignored: COCO box and mask AP (scored by predicted
 IoU, every mask counted), recall of the ground-truth masks at mask IoU 0.5
 and 0.75, masks found per image.
 
+`--gray-images` replaces every image by a uniform mid-grey one (128) of the same size
+and keeps its masks, clicks and boxes: what a model scores without looking at
+the image (a model whose figures do not drop has learnt only where prompts
+fall, not what is there).
+
 `--protocols` defaults to points,boxes. All run at each image's original
 resolution; the point and box protocols `--batch-images` images per jitted
 encoder call, data-parallel over all local devices, the generator one image
@@ -45,6 +50,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
+
 from sam_jax.data.pipeline import DEFAULT_DATA_DIR
 from sam_jax.errors import CheckpointError
 from sam_jax.evaluation.automatic_masks import AmgSettings
@@ -58,8 +65,9 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, split: str = "validation"
                         num_images: Optional[int] = None, protocols: Sequence[str] = DEFAULT_PROTOCOLS,
                         point_config: ProtocolConfig = ProtocolConfig(), boxes: str = "gt",
                         batch_images: int = 8, progress: bool = True,
-                        amg_settings: AmgSettings = AmgSettings()) -> Dict[str, Any]:
-    """Runs the chosen protocols; returns the results.json content."""
+                        amg_settings: AmgSettings = AmgSettings(), gray_images: bool = False) -> Dict[str, Any]:
+    """Runs the chosen protocols; returns the results.json content. `gray_images`: every image
+    replaced by a uniform 128 one of its size (masks, clicks and boxes unchanged)."""
     from tqdm import tqdm
 
     from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
@@ -84,13 +92,14 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, split: str = "validation"
     def instances():
         for i in range(total):
             try:
-                yield read_instances(source[i])
+                x = read_instances(source[i])
             except ValueError as e:
                 raise ValueError(f"{dataset} {split} record {i}: {e}") from None
+            yield dataclasses.replace(x, image=np.full_like(x.image, point_protocol.GRAY)) if gray_images else x
 
     results: Dict[str, Any] = {
         "checkpoint": str(checkpoint), "model": model.config.name, "dataset": dataset, "split": split,
-        "num_images": total, "batch_images": batch_images,
+        "num_images": total, "batch_images": batch_images, "gray_images": gray_images,
     }
     if "points" in protocols:
         start = time.perf_counter()
@@ -131,7 +140,8 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, split: str = "validation"
 
 def markdown(results: Dict[str, Any]) -> str:
     """results.json as Markdown tables."""
-    lines = [f"# {results['model']} on {results['dataset']} {results['split']} ({results['num_images']} images)", ""]
+    gray = " (every image replaced by uniform grey)" if results.get("gray_images") else ""
+    lines = [f"# {results['model']} on {results['dataset']} {results['split']} ({results['num_images']} images){gray}", ""]
     points = results.get("points")
     if points:
         clicks = list(points["miou"])
@@ -251,7 +261,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                      help=f"box IoU above which duplicates are dropped (default {defaults.box_nms_thresh})")
     amg.add_argument("--amg-crop-n-layers", type=int, default=defaults.crop_n_layers,
                      help=f"crop layers besides the whole image (default {defaults.crop_n_layers})")
-    parser.add_argument("--output", help="default: <checkpoint>/../eval/<dataset>-<split>")
+    parser.add_argument("--gray-images", action="store_true",
+                        help="replace every image by a uniform mid-grey one of its size (masks and prompts unchanged): "
+                             "what the model scores without seeing the image")
+    parser.add_argument("--output", help="default: <checkpoint>/../eval/<dataset>-<split>[-gray]")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -264,13 +277,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         results = evaluate_checkpoint(
             args.checkpoint, args.dataset, args.split, args.data_dir, args.num_images,
             [p for p in args.protocols.split(",") if p], point_config, args.boxes, args.batch_images,
-            not args.no_progress, amg_settings,
+            not args.no_progress, amg_settings, args.gray_images,
         )
     except (ValueError, FileNotFoundError, CheckpointError) as err:
         print(f"eval: error: {err}", file=sys.stderr)
         return 2
     output = Path(args.output or Path(args.checkpoint).resolve().parent / "eval" /
-                  f"{args.dataset.strip('/').replace('/', '_')}-{args.split}")
+                  f"{args.dataset.strip('/').replace('/', '_')}-{args.split}{'-gray' * args.gray_images}")
     write_results(output, results)
     print(markdown(results))
     skipped = results.get("boxes", {}).get("detection_images_not_evaluated", 0)

@@ -2,6 +2,7 @@
 refused inputs, the automatic-mask protocol's scoring on known masks, and the ablation's table
 and variants."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -55,6 +56,27 @@ def test_eval_writes_json_markdown_and_plot_with_the_protocols_figures(tiny, che
     assert f"| mIoU, most confident | {points['miou']['1']:.3f}" in table and "| AP | AP50 |" in table
     assert f"a best one for {100 * head['picks_best']:.1f}% of masks" in table
     assert (tmp_path / "miou_vs_clicks.png").stat().st_size > 1000
+
+
+def test_gray_images_keep_the_prompts_and_replace_what_the_model_sees(tiny, checkpoint, synthetic_data_dir,
+                                                                      tmp_path):
+    assert run_eval(checkpoint, synthetic_data_dir, tmp_path / "gray", "--num-images", "2", "--clicks", "3",
+                    "--protocols", "points", "--gray-images") == 0
+    gray = json.loads((tmp_path / "gray" / "results.json").read_text())
+    assert gray["gray_images"] is True
+    assert "(every image replaced by uniform grey)" in (tmp_path / "gray" / "results.md").read_text()
+    source = open_source("sam_synthetic/small", "validation", synthetic_data_dir)
+    instances = [read_instances(source[i]) for i in range(2)]
+    config, _, params = tiny
+    predictor = SamBatchPredictor(Sam(config), params)
+    grayed = [dataclasses.replace(x, image=np.full_like(x.image, 128)) for x in instances]
+    direct = evaluate_images(predictor, grayed, ProtocolConfig(num_clicks=3))
+    np.testing.assert_allclose(gray["points"]["miou_per_click"], direct.miou(), atol=1e-6)
+    np.testing.assert_allclose(gray["points"]["iou_head_first_click"]["mean_predicted"],
+                               direct.first_click_predicted_iou.mean(axis=0), atol=1e-5)
+    # The clicks come from the masks, so the real images' run differs only in what the model sees.
+    real = evaluate_images(predictor, instances, ProtocolConfig(num_clicks=3))
+    assert not np.allclose(real.first_click_predicted_iou, direct.first_click_predicted_iou, atol=1e-4)
 
 
 def oracle_predictor(instances, empty: bool):

@@ -15,6 +15,8 @@ from PIL import Image
 
 from experiments import train
 from experiments.train_configs import get_config
+from sam_jax.data.pipeline import evaluation_batches, open_source
+from sam_jax.evaluation import point_protocol
 from sam_jax.training.loop import check_workdir_config
 from sam_jax import load_sam
 from sam_jax.tree_paths import flatten
@@ -61,7 +63,7 @@ def finished_run(tmp_path_factory, synthetic_data_dir, cache_dir):
     return workdir, out
 
 
-def test_a_run_writes_logs_pictures_and_a_loadable_model(finished_run):
+def test_a_run_writes_logs_pictures_and_a_loadable_model(finished_run, synthetic_data_dir):
     workdir, out = finished_run
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/total_loss" in r]
@@ -79,6 +81,16 @@ def test_a_run_writes_logs_pictures_and_a_loadable_model(finished_run):
     assert json.loads(out) == json.loads((workdir / "eval.json").read_text())
     assert json.loads(out)["num_images"] == 4
     assert eval_row["eval/iou_head_picks_best"] == json.loads(out)["iou_head_first_click"]["picks_best"]
+    # The first click again on the held-out images made uniform grey: what the model scores blind.
+    config = get_config("synthetic_smoke", (*MICRO, "optimizer.total_steps=8"))
+    batches = evaluation_batches(open_source(config.data.dataset, config.data.eval_split, synthetic_data_dir),
+                                 config.data.eval_preprocess, config.data.eval_batch_size, config.data.eval_images)
+    model, params = load_sam(workdir / "model")
+    blind = point_protocol.evaluate(model, params, point_protocol.gray_images(batches),
+                                    point_protocol.ProtocolConfig(num_clicks=1, seed=config.seed)).summary()
+    assert json.loads(out)["gray_images_first_click"] == pytest.approx(
+        {"miou": blind["miou"]["1"], "oracle_miou": blind["oracle_miou"]["1"]}, abs=1e-6)
+    assert eval_row["eval/gray_images_miou_1_clicks"] == json.loads(out)["gray_images_first_click"]["miou"]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

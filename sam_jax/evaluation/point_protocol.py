@@ -253,6 +253,17 @@ def evaluate_batch(model: Sam, params, batch: Dict[str, np.ndarray], config: Pro
                         np.asarray(batch["image_size"]))
 
 
+GRAY = 128  # the uniform image value of `gray_images`
+
+
+def gray_images(batches: Iterable[Dict[str, np.ndarray]]) -> Iterable[Dict[str, np.ndarray]]:
+    """The batches with every image replaced by uniform grey, masks and sizes unchanged: the
+    protocol on them measures what a model scores without seeing the images (from where the
+    prompts fall alone)."""
+    for batch in batches:
+        yield dict(batch, image=np.full_like(batch["image"], GRAY))
+
+
 def evaluate(model: Sam, params, batches: Iterable[Dict[str, np.ndarray]], config: ProtocolConfig,
              progress: Optional[Any] = None) -> ProtocolResult:
     """The protocol over batches of preprocessed examples; `progress` (e.g. tqdm) is updated per image."""

@@ -12,6 +12,7 @@ Every process of a multi-process run makes the same call. The work directory hol
                                  measured there (the yardstick for the GFLOP/s in the log rows)
     curves.png, samples.png      loss, training mIoU, lr, held-out mIoU; held-out predictions
     eval.json                    the last point-protocol evaluation (mIoU after 1, 2, 3, 5, 9 clicks)
+                                 and the first click's on the images made uniform grey
     model/                       the final params as a converted checkpoint (`sam_jax.load_sam`,
                                  `sam-jax segment --checkpoint`)
     samples/, sample_prompts.json  held-out images and their first clicks, for `sam-jax segment`
@@ -162,15 +163,22 @@ def text_prompt_tower(config: TrainConfig) -> tuple[Optional[CLIP], Any]:
 
 
 def evaluate(config: TrainConfig, model: Sam, params, eval_source, progress: bool = False) -> Dict[str, Any]:
-    """The point protocol on the held-out split at the training resolution; its summary."""
+    """The point protocol on the held-out split at the training resolution; its summary, with
+    "gray_images_first_click": the first click's mIoU (most confident, oracle) on the same
+    images replaced by uniform grey. A model whose figure there equals its real one has learnt
+    only where prompts fall, not what the image shows."""
     from tqdm import tqdm
 
     protocol = point_protocol.ProtocolConfig(num_clicks=config.eval_clicks, seed=config.seed)
-    batches = evaluation_batches(eval_source, config.data.eval_preprocess, config.data.eval_batch_size,
-                                 config.data.eval_images)
+    batches = lambda: evaluation_batches(eval_source, config.data.eval_preprocess, config.data.eval_batch_size,
+                                         config.data.eval_images)
     total = min(config.data.eval_images, len(eval_source))
     with tqdm(total=total, desc="eval", unit="image", disable=not progress, leave=False, dynamic_ncols=True) as bar:
-        return point_protocol.evaluate(model, params, batches, protocol, progress=bar).summary()
+        summary = point_protocol.evaluate(model, params, batches(), protocol, progress=bar).summary()
+    gray = point_protocol.evaluate(model, params, point_protocol.gray_images(batches()),
+                                   dataclasses.replace(protocol, num_clicks=1)).summary()
+    summary["gray_images_first_click"] = {"miou": gray["miou"]["1"], "oracle_miou": gray["oracle_miou"]["1"]}
+    return summary
 
 
 def compile_step(step, state, batch):
