@@ -66,13 +66,11 @@ def summarize_window(metrics: List[Dict[str, Any]]) -> Dict[str, float]:
 
 
 def eval_row(step: int, summary: Dict[str, Any]) -> Dict[str, Any]:
-    """A log row of a point-protocol summary (`ProtocolResult.summary()`)."""
+    """A log row of a training evaluation's summary (`sam_jax.training.loop.evaluate`)."""
     row = {"step": step}
     row.update({f"eval/miou_{c}_clicks": v for c, v in summary["miou"].items()})
     row.update({f"eval/oracle_miou_{c}_clicks": v for c, v in summary["oracle_miou"].items()})
     head = summary["iou_head_first_click"]  # where defined: r needs spread in the scores
     row.update({f"eval/iou_head_{k}": head[k] for k in ("pearson", "picks_best") if head[k] is not None})
-    gray = summary.get("gray_images_first_click")  # the first click on uniform grey images
-    if gray is not None:
-        row["eval/gray_images_miou_1_clicks"] = gray["miou"]
+    row["eval/gray_images_miou_1_clicks"] = summary["gray_images_first_click"]["miou"]  # images made uniform grey
     return row
