@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from sam_jax.evaluation.clicks import next_click
-from sam_jax.evaluation.point_protocol import ProtocolConfig, run_protocol
+from sam_jax.evaluation.point_protocol import ProtocolConfig, gray_images, run_protocol
 from sam_jax.modeling.prompt_encoder import BACKGROUND, FOREGROUND, PADDING
 
 
@@ -276,3 +276,15 @@ def test_the_resolution_ceiling_sees_masks_through_the_low_res_grid():
     wide = np.zeros((96, 128), bool)
     wide[32:64, 64:96] = True
     assert resolution_iou(wide, 64, 16) == pytest.approx((1024 - 4 * 6) / 1024)
+
+
+def test_gray_images_replace_only_the_pixels():
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8), "masks": rng.random((2, 3, 8, 8)) > 0.5,
+             "image_size": np.array([[8, 5], [6, 8]], np.int32)}
+    original = batch["image"].copy()
+    (gray,) = list(gray_images([batch]))
+    assert gray["image"].dtype == np.uint8 and gray["image"].shape == (2, 8, 8, 3)
+    assert (gray["image"] == 128).all()
+    assert gray["masks"] is batch["masks"] and gray["image_size"] is batch["image_size"]
+    np.testing.assert_array_equal(batch["image"], original)  # the caller's batch is left as it was

@@ -81,12 +81,12 @@ def test_a_run_writes_logs_pictures_and_a_loadable_model(finished_run, synthetic
     assert json.loads(out) == json.loads((workdir / "eval.json").read_text())
     assert json.loads(out)["num_images"] == 4
     assert eval_row["eval/iou_head_picks_best"] == json.loads(out)["iou_head_first_click"]["picks_best"]
-    # The first click again on the held-out images made uniform grey: what the model scores blind.
+    # The first click again on the held-out images made uniform grey (here by hand): what the model scores blind.
     config = get_config("synthetic_smoke", (*MICRO, "optimizer.total_steps=8"))
     batches = evaluation_batches(open_source(config.data.dataset, config.data.eval_split, synthetic_data_dir),
                                  config.data.eval_preprocess, config.data.eval_batch_size, config.data.eval_images)
     model, params = load_sam(workdir / "model")
-    blind = point_protocol.evaluate(model, params, point_protocol.gray_images(batches),
+    blind = point_protocol.evaluate(model, params, (dict(b, image=np.full_like(b["image"], 128)) for b in batches),
                                     point_protocol.ProtocolConfig(num_clicks=1, seed=config.seed)).summary()
     assert json.loads(out)["gray_images_first_click"] == pytest.approx(
         {"miou": blind["miou"]["1"], "oracle_miou": blind["oracle_miou"]["1"]}, abs=1e-6)
