@@ -52,8 +52,9 @@ def synthetic_cpu() -> TrainConfig:
     (the paper's ViT-B value): with one lr everywhere the encoder's image features, learnt in the
     first ~500 steps, were lost again and the trained model segmented a uniform grey image as well as
     the real one (README, Training). Layer decay keeps them in seeds 0 and 2 of this schedule, not in
-    seeds 1 and 3 (seed 1 keeps them with twice the steps). Measured there: 1,500 more first-iteration steps leave the
-    held-out 1-click mIoU where it is, 500 more full-loop steps raise the 5-click one by 0.1."""
+    seeds 1 and 3 (seed 1 keeps them with twice the steps). Measured there: 1,500 more
+    first-iteration steps leave the held-out 1-click mIoU where it is, 500 more full-loop steps raise
+    the 5-click one by 0.1."""
     return TrainConfig(
         model=SYNTHETIC_MODEL,
         data=DataConfig(
