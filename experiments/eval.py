@@ -159,6 +159,12 @@ def markdown(results: Dict[str, Any]) -> str:
                 f"IoU head at the first click: Pearson r {r} between the outputs' predicted and actual IoU; "
                 f"the most confident output is a best one for {100 * head['picks_best']:.1f}% of masks; "
                 f"mean absolute error {head['mean_abs_error']:.3f}.", "",
+                "| first-click output | " + " | ".join(str(i) for i in range(len(head["chosen_share"]))) + " |",
+                "|---|" + "---|" * len(head["chosen_share"]),
+                "| mean predicted IoU | " + " | ".join(f"{v:.3f}" for v in head["mean_predicted"]) + " |",
+                "| mean actual IoU | " + " | ".join(f"{v:.3f}" for v in head["mean_actual"]) + " |",
+                "| most confident, share of masks | " + " | ".join(f"{v:.3f}" for v in head["chosen_share"]) + " |",
+                "| best, share of masks | " + " | ".join(f"{v:.3f}" for v in head["best_share"]) + " |", "",
             ]
     boxes = results.get("boxes")
     if boxes:

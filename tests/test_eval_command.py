@@ -55,6 +55,8 @@ def test_eval_writes_json_markdown_and_plot_with_the_protocols_figures(tiny, che
     table = (tmp_path / "results.md").read_text()
     assert f"| mIoU, most confident | {points['miou']['1']:.3f}" in table and "| AP | AP50 |" in table
     assert f"a best one for {100 * head['picks_best']:.1f}% of masks" in table
+    assert head["chosen_share"] == pytest.approx(direct.iou_head()["chosen_share"])
+    assert "| most confident, share of masks | " + " | ".join(f"{v:.3f}" for v in head["chosen_share"]) in table
     assert (tmp_path / "miou_vs_clicks.png").stat().st_size > 1000
 
 

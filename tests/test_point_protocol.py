@@ -139,7 +139,8 @@ def test_a_predictor_of_the_clicked_connected_region_scores_the_hand_count():
     # By mask size, in images of 16 x 12 (the frame's rest is padding): 80 / 192 px and 64 / 192 px.
     by_size = run_protocol(_predictor(answer), targets, valid, ids, ProtocolConfig(num_clicks=2),
                            image_hw=np.array([[16, 12], [16, 12]])).summary()["miou_by_mask_size"]
-    assert by_size == {"10-100%": {"num_masks": 3, "miou": {"1": pytest.approx(2 / 3), "2": pytest.approx(2 / 3)}}}
+    assert by_size.keys() == {"10-100%"} and by_size["10-100%"]["num_masks"] == 3
+    assert by_size["10-100%"]["miou"] == {"1": pytest.approx(2 / 3), "2": pytest.approx(2 / 3)}
     np.testing.assert_allclose(result.mask_fraction, [80 / 256, 64 / 256, 64 / 256])  # the whole frame by default
 
 
@@ -183,11 +184,19 @@ def test_the_iou_head_is_scored_on_the_first_clicks_outputs():
     assert head["mean_abs_error"] == pytest.approx((1.8 + 0.5 + 0.5) / 9)
     assert head["mean_predicted"] == pytest.approx([1.3 / 3, 1.7 / 3, 0.2 / 3])
     assert head["mean_actual"] == pytest.approx([0, 1, 0])
+    assert head["chosen_share"] == pytest.approx([1 / 3, 2 / 3, 0]) and head["best_share"] == pytest.approx([0, 1, 0])
+    # By size: image 0's mask is 80 px of a 160 x 120 image (0.42%), image 1's two 64 of 16 x 12.
+    by_size = run_protocol(predict, targets, valid, ids, ProtocolConfig(num_clicks=1),
+                           image_hw=np.array([[160, 120], [16, 12]])).summary()["miou_by_mask_size"]
+    assert by_size.keys() == {"0.2-1%", "10-100%"}
+    assert by_size["0.2-1%"]["first_click_mean_predicted"] == pytest.approx([0.9, 0.1, 0.0])
+    assert by_size["10-100%"]["first_click_mean_predicted"] == pytest.approx([0.2, 0.8, 0.1])
+    assert by_size["10-100%"]["num_masks"] == 2 and by_size["10-100%"]["first_click_mean_actual"] == [0, 1, 0]
     # Scores without spread say nothing about the outputs: no correlation is reported, and the
     # tie goes to the first output, as the most confident mask's does.
     scores[:] = 0.5
     flat = run_protocol(predict, targets, valid, ids, ProtocolConfig(num_clicks=1)).iou_head()
-    assert flat["pearson"] is None and flat["picks_best"] == 0.0
+    assert flat["pearson"] is None and flat["picks_best"] == 0.0 and flat["chosen_share"] == [1.0, 0.0, 0.0]
 
 
 def test_clicks_accumulate_with_labels_and_padding():

@@ -131,22 +131,35 @@ class ProtocolResult:
         as the automatic mask generator does, relies on; None without spread), the share of
         masks whose most confident output is a best one ("picks_best": what separates the
         most confident mIoU from the oracle's), the mean absolute error, and per output the
-        mean predicted and actual IoU."""
+        mean predicted and actual IoU, the share of masks for which it is the most confident
+        ("chosen_share") and the share for which it is the best ("best_share"; ties go to the
+        first output, as the most confident mask's do): a head that always prefers one output
+        whatever the object shows as a chosen share near 1 beside a spread best share."""
         predicted, actual = self.first_click_predicted_iou, self.first_click_output_iou
         if not len(actual):
             return {"pearson": None, "picks_best": None, "mean_abs_error": None,
-                    "mean_predicted": [], "mean_actual": []}
-        chosen = np.take_along_axis(actual, predicted.argmax(axis=1)[:, None], axis=1)[:, 0]
+                    "mean_predicted": [], "mean_actual": [], "chosen_share": [], "best_share": []}
+        picked = predicted.argmax(axis=1)
+        chosen = np.take_along_axis(actual, picked[:, None], axis=1)[:, 0]
+
+        def share(index):
+            return [float(v) for v in np.bincount(index, minlength=actual.shape[1]) / len(index)]
+
         return {
             "pearson": _pearson(predicted, actual),
             "picks_best": float(np.mean(chosen >= actual.max(axis=1))),
             "mean_abs_error": float(np.abs(predicted - actual).mean()),
             "mean_predicted": [float(v) for v in predicted.mean(axis=0)],
             "mean_actual": [float(v) for v in actual.mean(axis=0)],
+            "chosen_share": share(picked),
+            "best_share": share(actual.argmax(axis=1)),
         }
 
     def by_mask_size(self, clicks) -> Dict[str, Any]:
-        """{size bin: {"num_masks", "miou": {clicks: value}}} for the bins that hold masks."""
+        """{size bin: {"num_masks", "miou": {clicks: value}, "first_click_mean_predicted",
+        "first_click_mean_actual"}} for the bins that hold masks; the last two per output, the
+        IoU head's scores and the actual IoU of the first click's outputs (whether the head
+        follows the object's size as the outputs' quality does)."""
         bins = np.array([size_bin(float(f)) for f in self.mask_fraction])
         out = {}
         for low, high in SIZE_BINS:
@@ -154,7 +167,11 @@ class ProtocolResult:
             members = bins == name
             if members.any():
                 out[name] = {"num_masks": int(members.sum()),
-                             "miou": {str(c): float(self.iou[members, c - 1].mean()) for c in clicks}}
+                             "miou": {str(c): float(self.iou[members, c - 1].mean()) for c in clicks},
+                             "first_click_mean_predicted": [
+                                 float(v) for v in self.first_click_predicted_iou[members].mean(axis=0)],
+                             "first_click_mean_actual": [
+                                 float(v) for v in self.first_click_output_iou[members].mean(axis=0)]}
         return out
 
 
