@@ -161,11 +161,11 @@ def markdown(results: Dict[str, Any]) -> str:
                 f"mean absolute error {head['mean_abs_error']:.3f}.", "",
                 "| first-click output | " + " | ".join(str(i) for i in range(len(head["chosen_share"]))) + " |",
                 "|---|" + "---|" * len(head["chosen_share"]),
-                "| mean predicted IoU | " + " | ".join(f"{v:.3f}" for v in head["mean_predicted"]) + " |",
-                "| mean actual IoU | " + " | ".join(f"{v:.3f}" for v in head["mean_actual"]) + " |",
-                "| most confident, share of masks | " + " | ".join(f"{v:.3f}" for v in head["chosen_share"]) + " |",
-                "| best, share of masks | " + " | ".join(f"{v:.3f}" for v in head["best_share"]) + " |", "",
             ]
+            per_output = (("mean predicted IoU", "mean_predicted"), ("mean actual IoU", "mean_actual"),
+                          ("most confident, share of masks", "chosen_share"), ("best, share of masks", "best_share"))
+            lines += [f"| {label} | " + " | ".join(f"{v:.3f}" for v in head[key]) + " |" for label, key in per_output]
+            lines.append("")
     boxes = results.get("boxes")
     if boxes:
         names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
