@@ -4,6 +4,8 @@
     python -m experiments.train --config vit_b --workdir /ckpt/vit_b --set data.dataset=sa1b
     python -m experiments.train --config vit_b --set init_checkpoint=/ckpt/sam_vit_b \\
         --set optimizer.freeze_image_encoder=True                 # fine-tune the decoder only
+    python -m experiments.train --config vit_b --set init_checkpoint=/ckpt/sam_vit_b \\
+        --set "optimizer.trainable=('mask_decoder/iou_prediction_head',)"   # train only these modules
     python -m experiments.train --config vit_b --set parallelism=pmap   # pmap instead of FSDP jit
 
 Configs: `experiments/train_configs.py`; `--set path=value` overrides any field

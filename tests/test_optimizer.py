@@ -311,6 +311,47 @@ def test_frozen_params_get_exactly_zero_updates_and_no_state(trees, base_run, fr
     assert float_leaves and all(x.dtype == jnp.float32 for x in float_leaves)
 
 
+@pytest.mark.parametrize("prefixes", [("mask_decoder/iou_prediction_head",),
+                                      ("prompt_encoder", "image_encoder/neck_0")])
+def test_trainable_prefixes_train_only_the_params_under_them(trees, prefixes):
+    params, g1, g2 = trees
+    config = dataclasses.replace(BASE, trainable=prefixes)
+    final, updates_seq, state = run(config, params, [g1, g2])
+    labels = flat(param_labels(params, trainable=prefixes))
+    selected = {p for p in labels if p != BUFFER and any(p.startswith(prefix + "/") for prefix in prefixes)}
+    assert selected and {p for p, label in labels.items() if label == TRAINABLE} == selected
+    for updates in updates_seq:
+        for path, update in flat(updates).items():
+            assert np.all(update != 0) if path in selected else not np.any(update), path
+    for path, x in flat(final).items():
+        assert np.array_equal(x, flat(params)[path]) == (path not in selected), path
+    assert state_floats(state) == 2 * sum(flat(params)[p].size for p in selected)  # mu and nu of those only
+    assert config.encoder_frozen == ("image_encoder/neck_0" not in prefixes)
+
+
+def test_a_trainable_prefix_naming_no_param_is_refused(abstract):
+    with pytest.raises(ValueError, match=r"optimizer.trainable: 'encoder' names no param; the names under the root are "
+                                         r"\['image_encoder', 'mask_decoder', 'prompt_encoder'\]"):
+        make_optimizer(OptimizerConfig(trainable=("mask_decoder", "encoder")), abstract, TINY)
+    with pytest.raises(ValueError, match=r"'image_encoder/neck' names no param; the names under image_encoder "
+                                         r"are \['blocks_0', "):
+        make_optimizer(OptimizerConfig(trainable=("image_encoder/neck",)), abstract, TINY)
+    with pytest.raises(ValueError, match=r"'image_encoder/blocks_0' names no param; the names under image_encoder are "
+                                         r"\['block_groups', "):  # the scanned layout
+        make_optimizer(OptimizerConfig(trainable=("image_encoder/blocks_0",)),
+                       abstract_params(TINY, scan_blocks=True), TINY)
+    with pytest.raises(ValueError, match=r"'image_encoder/pos_embed/x' names no param; image_encoder/pos_embed "
+                                         r"is a single param"):
+        make_optimizer(OptimizerConfig(trainable=("image_encoder/pos_embed/x",)), abstract, TINY)
+
+
+def test_encoder_frozen_says_whether_any_encoder_param_trains():
+    assert not OptimizerConfig().encoder_frozen and OptimizerConfig(freeze_image_encoder=True).encoder_frozen
+    assert OptimizerConfig(trainable=("mask_decoder", "prompt_encoder")).encoder_frozen
+    assert not OptimizerConfig(trainable=("image_encoder/neck_0",)).encoder_frozen
+    assert OptimizerConfig(trainable=["mask_decoder"]).trainable == ("mask_decoder",)
+
+
 def test_gaussian_matrix_is_a_frozen_buffer(trees, base_run):
     """A register_buffer in the official model: no update (not even weight decay), no state."""
     params, grads = trees[0], trees[1]
@@ -410,6 +451,11 @@ def test_paper_recipes():
         ("layer_decay", 1.5),
         ("grad_clip_norm", 0.0),
         ("freeze_image_encoder", "yes"),
+        ("trainable", ()),
+        ("trainable", "mask_decoder"),
+        ("trainable", ("mask_decoder//iou_prediction_head",)),
+        ("trainable", ("",)),
+        ("trainable", (3,)),
     ],
 )
 def test_validation_names_the_field(field, value):

@@ -115,6 +115,32 @@ def test_padded_images_from_scratch_give_moderate_gradients(jitted_step):
     assert float(metrics["grad_norm"]) < 1e3
 
 
+def test_training_only_the_iou_head_moves_only_it_and_skips_the_encoders_gradient(one_device):
+    """`optimizer.trainable` = the IoU head: the same forward pass (step 1's loss) as training
+    everything, every other param unchanged, and no gradient through the encoder: XLA counts
+    no more FLOPs than for the decoder-only step, which skips it (the encoder's backward pass
+    would add about twice its forward)."""
+    model, opt_config, interactive, state = setup()
+    batch = make_batch(0)
+    flops = {}
+    for name, changes in (("head", {"trainable": ("mask_decoder/iou_prediction_head",)}),
+                          ("decoder", {"freeze_image_encoder": True})):
+        config = dataclasses.replace(opt_config, **changes)
+        start = create_train_state(state.params, config, model.config, seed=0)
+        compiled = jax.jit(make_train_step(model, config, interactive)).lower(start, batch).compile()
+        cost = compiled.cost_analysis()
+        flops[name] = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+        if name == "head":
+            new_state, metrics = compiled(start, batch)
+    first_loss = one_device[3][0]["loss"]
+    np.testing.assert_allclose(np.asarray(metrics["loss"]), first_loss, rtol=1e-5)
+    before, after = flatten_dict(jax.device_get(state.params)), flatten_dict(jax.device_get(new_state.params))
+    head = [k for k in before if k[:2] == ("mask_decoder", "iou_prediction_head")]
+    assert head and all(not np.array_equal(before[k], after[k]) for k in head)
+    assert all(np.array_equal(before[k], after[k]) for k in before if k not in head)
+    assert 0 < flops["head"] <= 1.001 * flops["decoder"], flops
+
+
 def test_max_masks_trains_the_first_masks_of_each_image():
     """interactive.max_masks=1 on a 2-mask batch is the step on the batch of each image's first mask:
     the same loss, metrics and params (a mask's prompts depend on its index, not on the others)."""

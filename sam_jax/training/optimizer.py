@@ -32,7 +32,10 @@ and gives every frozen param exactly zero updates and no optimizer state
 Fine-tuning the decoder only: `OptimizerConfig(freeze_image_encoder=True)` on
 params from `sam_jax.load_sam`. The encoder's gradients are then
 unused; compute the image embeddings under `jax.lax.stop_gradient` (or outside
-the differentiated function) so they are not computed at all.
+the differentiated function) so they are not computed at all. Training only some
+modules: `OptimizerConfig(trainable=("mask_decoder/iou_prediction_head",))` (param path
+prefixes; every other param frozen); `encoder_frozen` says whether the encoder then
+trains at all.
 """
 
 from __future__ import annotations
@@ -76,6 +79,9 @@ class OptimizerConfig:
     layer_decay: Optional[float] = 0.8  # None or 1.0: off
     grad_clip_norm: Optional[float] = None  # global L2 norm of trainable grads; None: off
     freeze_image_encoder: bool = False  # decoder-only fine-tuning
+    # Param path prefixes to train ("mask_decoder", "mask_decoder/iou_prediction_head"), every
+    # other param frozen; None: all of them (buffers and, if asked, the encoder excepted).
+    trainable: Optional[tuple[str, ...]] = None
 
     def __post_init__(self):
         def fail(field, requirement):
@@ -123,6 +129,18 @@ class OptimizerConfig:
             fail("grad_clip_norm", "None or a finite number > 0")
         if not isinstance(self.freeze_image_encoder, bool):
             fail("freeze_image_encoder", "a bool")
+        if self.trainable is not None:
+            prefixes = self.trainable
+            if (not isinstance(prefixes, (tuple, list)) or not prefixes
+                    or not all(isinstance(p, str) and p and "" not in p.split("/") for p in prefixes)):
+                fail("trainable", "None or a non-empty tuple of param path prefixes like 'mask_decoder'")
+            object.__setattr__(self, "trainable", tuple(prefixes))
+
+    @property
+    def encoder_frozen(self) -> bool:
+        """No image-encoder param trains: the step can run the encoder without gradients."""
+        return self.freeze_image_encoder or (
+            self.trainable is not None and all(p.split("/")[0] != "image_encoder" for p in self.trainable))
 
 
 # The paper's recipes (SAM appendix A, "Training algorithm"). ViT-H: AdamW (0.9, 0.999),
@@ -266,15 +284,35 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def param_labels(params: Any, freeze_image_encoder: bool = False) -> Any:
-    """TRAINABLE or FROZEN per param: buffers always frozen, the encoder if asked."""
+def param_labels(params: Any, freeze_image_encoder: bool = False,
+                 trainable: Optional[tuple[str, ...]] = None) -> Any:
+    """TRAINABLE or FROZEN per param: buffers always frozen, the encoder if asked, and with
+    `trainable` (path prefixes) every param under none of them. A prefix that names no
+    param is a ValueError."""
+    prefixes = None if trainable is None else [tuple(p.split("/")) for p in trainable]
+    matched = set()
 
     def label(path, leaf):
         names = path_names(path)
-        frozen = names[-1] in BUFFERS or (freeze_image_encoder and names[0] == "image_encoder")
+        selected = True
+        if prefixes is not None:
+            hits = [p for p in prefixes if names[:len(p)] == p]
+            matched.update(hits)
+            selected = bool(hits)
+        frozen = names[-1] in BUFFERS or (freeze_image_encoder and names[0] == "image_encoder") or not selected
         return FROZEN if frozen else TRAINABLE
 
-    return jax.tree_util.tree_map_with_path(label, params)
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    unmatched = [p for p in prefixes or () if p not in matched]
+    if unmatched:
+        prefix, node, depth = unmatched[0], params, 0
+        while isinstance(node, Mapping) and depth < len(prefix) and prefix[depth] in node:
+            node, depth = node[prefix[depth]], depth + 1
+        where = "/".join(prefix[:depth])
+        found = (f"the names under {where or 'the root'} are {sorted(node)}" if isinstance(node, Mapping)
+                 else f"{where} is a single param")
+        raise ValueError(f"optimizer.trainable: {'/'.join(prefix)!r} names no param; {found}")
+    return labels
 
 
 def _check_params(params: Any, model_config: SamConfig) -> None:
@@ -327,5 +365,5 @@ def make_optimizer(
         chain.append(scale_by_layer(layer_scales(params, model_config, config.layer_decay)))
     return optax.multi_transform(
         {TRAINABLE: optax.chain(*chain), FROZEN: optax.set_to_zero()},
-        param_labels(params, config.freeze_image_encoder),
+        param_labels(params, config.freeze_image_encoder, config.trainable),
     )

@@ -93,8 +93,8 @@ def make_train_step(
     the forward pass then runs on params gathered over it, and activations stay split by image.
 
     The optimizer is `make_optimizer(optimizer_config, ...)` (the one `create_train_state`
-    initialised); `optimizer_config.freeze_image_encoder` also runs the encoder without
-    drop path and without gradients.
+    initialised); an encoder it does not train (`optimizer_config.encoder_frozen`) also runs
+    without drop path and without gradients.
     batch: the input pipeline's (image, image_size, masks_low_res, [masks], boxes,
     mask_valid; see `sam_jax.data.preprocess`), B images on this call.
     metrics: per-iteration "loss", "focal", "dice", "iou_loss", "miou"
@@ -111,7 +111,7 @@ def make_train_step(
     if text_training and clip.config.embed_dim != model.config.text_embed_dim:
         raise ValueError(f"CLIP {clip.config.name!r} embeds to {clip.config.embed_dim} dims, the model's text head "
                          f"takes {model.config.text_embed_dim}")
-    freeze_image_encoder = optimizer_config.freeze_image_encoder
+    encoder_frozen = optimizer_config.encoder_frozen
     learning_rate = learning_rate_schedule(optimizer_config)
 
     def step(state: TrainState, batch: Dict[str, jax.Array]):
@@ -143,9 +143,9 @@ def make_train_step(
                 params = jax.lax.with_sharding_constraint(params, NamedSharding(fsdp_mesh, PartitionSpec()))
             images = preprocess_padded(batch["image"], batch["image_size"], model.config)
             embeddings = model.apply(
-                {"params": params}, images, freeze_image_encoder, method=Sam.encode_image, rngs={"dropout": dropout_key}
+                {"params": params}, images, encoder_frozen, method=Sam.encode_image, rngs={"dropout": dropout_key}
             )
-            if freeze_image_encoder:
+            if encoder_frozen:
                 embeddings = jax.lax.stop_gradient(embeddings)
             return interactive_loss(
                 make_decode(model, params), embeddings, batch, image_keys, interactive, image_size, num_valid,
