@@ -12,6 +12,11 @@ thread count for both:
               the default 32x32 grid (encoder included), with the default
               thresholds and with thresholds at 0 (every mask survives to NMS
               and RLE: random weights rarely pass the defaults).
+Each decoder row also has its FLOP floor: XLA's count of what sam_jax computes (the decoder
+on the predictor's padded prompts, all in one chunk, and the upsampling to the original size)
+over the matmul rate, and beside it the matmul and conv FLOPs PyTorch's FLOP counter sees in the
+official call (it computes more: its cross-attentions project every image token), so a ratio
+splits into fewer FLOPs and a faster rate, host by host.
 With `--decoder-chunks 1,2,4,8,16,64` the decoder part also times the 64
 boxes' decoder alone (low-res masks, no upsampling) at each number of
 prompts per CPU chunk (`inference.decode_in_chunks`), beside the size the
@@ -157,9 +162,65 @@ def bench_decoder(result, model, params, reference, repeats, chunks=()):
                 lambda: official.predict(point, label, multimask_output=True), repeats)
         compare(result, "decoder_64_prompts",
                 lambda: ours.predict_batch(boxes=boxes, multimask_output=True), official_64, repeats)
+        add_flop_floor(result["decoder_1_prompt"], result["matmul_gflops_per_s"],
+                       decoder_gflops(model, params, ours, point[None], label[None], None),
+                       torch_gflops(lambda: official.predict(point, label, multimask_output=True)))
+        add_flop_floor(result["decoder_64_prompts"], result["matmul_gflops_per_s"],
+                       decoder_gflops(model, params, ours, None, None, boxes), torch_gflops(official_64))
     result["decoder_64_prompts"]["masks_shape"] = [64, 3, h, w]
     if chunks:
         sweep_decoder_chunks(result, model, params, ours, boxes, chunks, repeats)
+
+
+def decoder_gflops(model, params, predictor, coords, labels, boxes) -> dict:
+    """XLA's GFLOPs of one multimask `predict_batch` call on these prompts: the decoder on the
+    padded prompts in one chunk (the CPU's chunks do the same work in a loop, whose body XLA's
+    count would take once) and the thresholded upsampling to the original size."""
+    from sam_jax.modeling import inference
+    from sam_jax.prompts import bucket, prompt_counts, to_input_frame
+
+    b, n = prompt_counts(coords, labels, boxes, None)
+    padded = to_input_frame(predictor.transform, predictor.original_size, coords, labels, boxes, None,
+                            bucket(b), bucket(n))
+    decode = lambda p, e, x: inference.decode_in_chunks(model, p, e, *x, chunk=bucket(b))
+    low_res = jax.eval_shape(decode, params, predictor.features, padded)[0]
+    upsample = lambda x: inference.upsample_masks(x, tuple(predictor.input_size), tuple(predictor.original_size),
+                                                  model.config.image_size, model.config.mask_threshold)
+    return {"decoder": xla_flops(decode, params, predictor.features, padded) / 1e9,
+            "upsampling": xla_flops(upsample, low_res) / 1e9}
+
+
+def xla_flops(fn, *args) -> float:
+    """FLOPs in XLA's cost analysis of `fn` compiled for these arguments (or their shapes)."""
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+def torch_gflops(fn) -> float:
+    """GFLOPs of the matmuls and convolutions in one call of `fn`, by PyTorch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def add_flop_floor(entry: dict, matmul_gflops_per_s: float, jax_parts: dict, torch_gflops: float) -> None:
+    """sam_jax's FLOPs (by part and in all), their floor at the run's matmul rate and each side's
+    time over it."""
+    jax_gflops = sum(jax_parts.values())
+    entry["jax_gflops_by_part"] = jax_parts
+    entry["jax_gflops"] = jax_gflops
+    entry["torch_matmul_conv_gflops"] = torch_gflops
+    entry["flop_floor_s"] = jax_gflops / matmul_gflops_per_s
+    entry["jax_over_flop_floor"] = entry["jax"]["median_s"] / entry["flop_floor_s"]
+    entry["torch_over_flop_floor"] = entry["torch"]["median_s"] / entry["flop_floor_s"]
+    # speed-up = (torch_gflops / jax_gflops) x (jax_gflops_per_s / torch_gflops_per_s): fewer FLOPs, faster rate
+    entry["jax_gflops_per_s"] = jax_gflops / entry["jax"]["median_s"]
+    entry["torch_gflops_per_s"] = torch_gflops / entry["torch"]["median_s"]
+    print(f"  {jax_gflops:.2f} GFLOP in sam_jax, {torch_gflops:.2f} in the official matmuls and convs; "
+          f"{entry['jax_gflops_per_s']:.1f} against {entry['torch_gflops_per_s']:.1f} GFLOP/s; sam_jax at "
+          f"{entry['jax_over_flop_floor']:.2f}x its FLOP floor", flush=True)
 
 
 def sweep_decoder_chunks(result, model, params, predictor, boxes, chunks, repeats):
@@ -227,7 +288,7 @@ def main(argv=None) -> dict:
     threads = os.cpu_count()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    reference = reference_model.build_official_for(config).eval()
+    reference = reference_model.build_official_for(config).eval().requires_grad_(False)
     params = official_to_flax(reference_model.state_dict_numpy(reference), config)
     model = Sam(config)
     result = {
