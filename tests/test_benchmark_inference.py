@@ -26,12 +26,12 @@ def test_decoder_part_and_chunk_sweep(tmp_path, monkeypatch):
         assert entry["flop_floor_s"] == pytest.approx(entry["jax_gflops"] / result["matmul_gflops_per_s"])
         assert entry["jax_over_flop_floor"] == pytest.approx(entry["jax"]["median_s"] / entry["flop_floor_s"])
         assert entry["torch_over_flop_floor"] == pytest.approx(entry["torch"]["median_s"] / entry["flop_floor_s"])
-    # Every prompt is counted: XLA counts a loop's body once, so decoding in CPU chunks would give
-    # about one chunk's FLOPs (plus the upsampling) for the 64 boxes.
         assert entry["jax_gflops"] == pytest.approx(sum(entry["jax_gflops_by_part"].values()))
         fewer_flops = entry["torch_matmul_conv_gflops"] / entry["jax_gflops"]
         faster_rate = entry["jax_gflops_per_s"] / entry["torch_gflops_per_s"]
         assert entry["speedup_vs_torch"] == pytest.approx(fewer_flops * faster_rate)
+    # Every prompt is counted: XLA counts a loop's body once, so decoding in CPU chunks would give
+    # about one chunk's FLOPs (plus the upsampling) for the 64 boxes.
     one, many = (result[name]["jax_gflops_by_part"] for name in ("decoder_1_prompt", "decoder_64_prompts"))
     assert many["decoder"] > 32 * one["decoder"] and many["upsampling"] > 32 * one["upsampling"]
     assert result["decoder_64_prompts"]["torch_matmul_conv_gflops"] > 32 * result["decoder_1_prompt"][
