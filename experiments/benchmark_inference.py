@@ -46,7 +46,7 @@ import numpy as np
 
 from experiments.sample_image import synthetic_image
 from sam_jax.configs import CONFIGS, SamConfig
-from sam_jax.host import cpu_model, matmul_rate
+from sam_jax.host import compiled_flops, cpu_model, matmul_rate
 from sam_jax.modeling import Sam
 
 PARTS = ("encoder", "decoder", "amg")
@@ -182,7 +182,8 @@ def decoder_gflops(model, params, predictor, coords, labels, boxes) -> dict:
     b, n = prompt_counts(coords, labels, boxes, None)
     padded = to_input_frame(predictor.transform, predictor.original_size, coords, labels, boxes, None,
                             bucket(b), bucket(n))
-    decode = lambda p, e, x: inference.decode_in_chunks(model, p, e, *x, chunk=bucket(b))
+    decode = lambda p, e, x: inference.decode_in_chunks(model, p, e, *x, chunk=bucket(b),
+                                                        image_pe=predictor.image_pe)
     low_res = jax.eval_shape(decode, params, predictor.features, padded)[0]
     upsample = lambda x: inference.upsample_masks(x, tuple(predictor.input_size), tuple(predictor.original_size),
                                                   model.config.image_size, model.config.mask_threshold)
@@ -192,8 +193,7 @@ def decoder_gflops(model, params, predictor, coords, labels, boxes) -> dict:
 
 def xla_flops(fn, *args) -> float:
     """FLOPs in XLA's cost analysis of `fn` compiled for these arguments (or their shapes)."""
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+    return compiled_flops(jax.jit(fn).lower(*args).compile())
 
 
 def torch_gflops(fn) -> float:
@@ -231,8 +231,9 @@ def sweep_decoder_chunks(result, model, params, predictor, boxes, chunks, repeat
     padded = to_input_frame(predictor.transform, predictor.original_size, None, None, boxes, None, len(boxes), 1)
     sweep = {"default_chunk": inference.decoder_chunk(model.config, len(boxes)), "median_s": {}}
     for chunk in chunks:
-        decode = jax.jit(lambda p, e, b, c=chunk: inference.decode_in_chunks(model, p, e, boxes=b, chunk=c))
-        run = lambda: jax.block_until_ready(decode(params, predictor.features, padded[2]))
+        decode = jax.jit(lambda p, e, b, pe, c=chunk: inference.decode_in_chunks(model, p, e, boxes=b, chunk=c,
+                                                                                image_pe=pe))
+        run = lambda: jax.block_until_ready(decode(params, predictor.features, padded[2], predictor.image_pe))
         run()
         sweep["median_s"][str(chunk)] = timed(run, repeats)["median_s"]
         print(f"decoder alone, 64 boxes, chunk {chunk}: {sweep['median_s'][str(chunk)]:.3f} s", flush=True)

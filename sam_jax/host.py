@@ -1,4 +1,5 @@
-"""The machine a measurement ran on: its CPU model and the matmul rate JAX reaches there.
+"""The yardsticks of a speed measurement: the machine's CPU model, the matmul rate JAX reaches
+there, and the FLOPs XLA counts in a compiled computation.
 
 Hosts differ several-fold in matmul rate, so a speed figure is reported beside
 the rate measured in the same run, on the same machine, and the CPU's name.
@@ -38,3 +39,11 @@ def matmul_rate(n: int = 4096, repeats: int = 5, dtype=jnp.float32) -> float:
         f(a).block_until_ready()
         times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times)
+
+
+def compiled_flops(compiled) -> float:
+    """FLOPs in XLA's cost analysis of a compiled computation (`jax.jit(f).lower(...).compile()`),
+    0.0 where the backend gives none."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get("flops", 0.0))

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_jax.modeling import Sam, decode_prompts, encode_images
+from sam_jax.modeling import Sam, decode_prompts, dense_pe, encode_images
 from sam_jax.prompts import (bucket, check_prompts, check_text_embeddings, check_text_encoder, pad_text, prompt_counts,
                              require_text_prompts, to_input_frame)
 from sam_jax.utils.transforms import ResizeLongestSide, as_rgb, pad_to_square
@@ -48,6 +48,16 @@ class SamPredictor:
         self.text_encoder = text_encoder
         self.transform = ResizeLongestSide(model.config.image_size)
         self.reset_image()
+
+    @property
+    def params(self) -> Any:
+        return self._params
+
+    @params.setter
+    def params(self, params: Any) -> None:
+        self._params = params
+        # The decoder's positional encoding depends on the params alone: computed once per params.
+        self.image_pe = dense_pe(self.model, params)
 
     def reset_image(self) -> None:
         self.is_image_set = False
@@ -171,7 +181,7 @@ class SamPredictor:
         masks, iou, low_res = decode_prompts(
             self.model, self.params, self.features, *padded,
             bool(multimask_output), self.input_size, self.original_size, bool(return_logits),
-            pad_text(embeddings, bucket(b)),
+            pad_text(embeddings, bucket(b)), self.image_pe,
         )
         return tuple(np.asarray(x[:b]) for x in (masks, iou, low_res))
 

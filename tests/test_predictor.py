@@ -9,6 +9,7 @@ relative, binary masks everywhere except within 1e-4 of the threshold.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -18,6 +19,7 @@ from experiments.sample_image import synthetic_image
 from sam_jax.modeling import Sam, decode_low_res, upsample_masks
 from sam_jax.modeling.prompt_encoder import PADDING
 from sam_jax.predictor import SamPredictor
+from sam_jax.prompts import to_input_frame
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +190,49 @@ def test_growing_click_counts_compile_once_per_bucket(tiny):
     for n in range(1, 10):
         ours.predict(point_coords=clicks[:n], point_labels=np.ones(n))
     assert decode_low_res._cache_size() - before == 5 and upsample_masks._cache_size() - upsampling == 1
+
+
+def test_positional_encoding_is_computed_once_per_params(tiny, monkeypatch):
+    """The predictor computes the decoder's dense positional encoding once (`image_pe`) and
+    passes it: its decoder never recomputes it, gives the same masks as a decoder that does,
+    and a predictor given other params recomputes it."""
+    config, _, params = tiny
+    model = Sam(config)
+    ours = SamPredictor(model, params)
+    ours.set_image(synthetic_image(123, 77))
+    clicks = dict(point_coords=np.array([[30.0, 40.0]]), point_labels=np.array([1]))
+    decode_low_res.clear_cache()
+    calls = []
+    original = Sam.get_dense_pe
+
+    def counted(self):
+        calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(Sam, "get_dense_pe", counted)
+    masks, iou, low_res = ours.predict(**clicks, return_logits=True)
+    assert calls == []  # traced without it: the decoder took `image_pe`
+    embedding = ours.features
+    prompts = to_input_frame(ours.transform, ours.original_size, clicks["point_coords"][None],
+                             clicks["point_labels"][None], None, None, 1, 1)
+    inline, inline_iou = decode_low_res(model, params, embedding, *prompts[:4], True)
+    assert calls  # the same call without `image_pe` computes it
+    np.testing.assert_allclose(low_res, np.asarray(inline)[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(iou, np.asarray(inline_iou)[0], rtol=0, atol=1e-6)
+
+    other = jax.tree_util.tree_map(lambda x: x, params)
+    pe_path = ("prompt_encoder", "pe_layer", "positional_encoding_gaussian_matrix")
+    other[pe_path[0]][pe_path[1]] = {pe_path[2]: 2 * params[pe_path[0]][pe_path[1]][pe_path[2]]}
+    ours.params = other
+    fresh = SamPredictor(model, other)
+    np.testing.assert_array_equal(np.asarray(ours.image_pe), np.asarray(fresh.image_pe))
+    assert np.abs(np.asarray(ours.image_pe) - np.asarray(SamPredictor(model, params).image_pe)).max() > 0.1
+
+
+def test_bad_image_pe_is_named(tiny):
+    config, _, params = tiny
+    model = Sam(config)
+    e, d = config.embedding_size, config.prompt_embed_dim
+    with pytest.raises(ValueError, match=r"image_pe must be \(1, .*got shape \(1, 4, 4"):
+        decode_low_res(model, params, np.zeros((1, e, e, d), np.float32), np.zeros((1, 1, 2), np.float32),
+                       np.ones((1, 1), np.int32), None, None, True, None, np.zeros((1, 4, 4, d), np.float32))

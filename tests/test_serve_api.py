@@ -21,7 +21,7 @@ from experiments.sample_image import synthetic_image
 from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
 from sam_jax.cli import main
 from sam_jax.image_io import read_image
-from sam_jax.modeling import Sam
+from sam_jax.modeling import Sam, decode_low_res
 from sam_jax.predictor import SamPredictor
 from sam_jax.serve.api import create_app
 from sam_jax.serve.cache import ByteLRU
@@ -188,6 +188,19 @@ def test_predict_equals_the_predictor(client, scene_id, predictor):
     assert preview["prediction_id"] is None
     masks, _, _ = predictor.predict(box=np.array([10, 5, 100, 80]))
     np.testing.assert_array_equal(decode(preview["masks"][1]), masks[1])
+
+
+def test_warmed_up_decoder_serves_clicks_without_compiling(model_and_params, folder):
+    """`warm_up_decoder` compiles the decoder as the clicks call it (with the service's positional
+    encoding, `SamPredictor.image_pe`), so a first click, a second and a box compile nothing."""
+    service = SegmentationService(*model_and_params, images_folder=str(folder))
+    image_id = service.embed_folder_image("scene.png")[0].image_id
+    service.warm_up_decoder()
+    compiled = decode_low_res._cache_size()
+    service.predict(image_id, point_coords=[[40, 30]], point_labels=[1])
+    service.predict(image_id, point_coords=[[40, 30], [90, 70]], point_labels=[1, 0])
+    service.predict(image_id, box=[10, 5, 100, 80])
+    assert decode_low_res._cache_size() == compiled
 
 
 def test_everything_equals_the_generator(client, scene_id, model_and_params, folder):

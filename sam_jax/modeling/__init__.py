@@ -7,6 +7,7 @@ from sam_jax.modeling.inference import (
     decode_low_res,
     decode_prompts,
     decoder_chunk,
+    dense_pe,
     encode_images,
     upsample_masks,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "decode_low_res",
     "decode_prompts",
     "decoder_chunk",
+    "dense_pe",
     "encode_images",
     "postprocess_masks",
     "preprocess",

@@ -5,6 +5,8 @@ automatic mask generator, evaluation, the training loop's decoder): one
 compiled function per job, cached per model and per static argument.
 
     encode_images   (B, S, S, 3) zero-padded images + (B, 2) sizes -> (B, h, w, D)
+    dense_pe        the params' (1, h, w, D) positional encoding of the embedding grid, which
+                    the decoder takes (`image_pe`): computed once, not on every call
     decode_prompts  one image's embedding, B prompts (points, boxes, masks and, for a model
                     with a text-prompt head, CLIP text embeddings) -> masks at the original size,
                     IoU, low-res logits (on the CPU in cache-sized chunks of prompts):
@@ -40,6 +42,14 @@ def encode_images(model: Sam, params, images: jax.Array, input_sizes: jax.Array)
                        method=Sam.encode_image)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def dense_pe(model: Sam, params) -> jax.Array:
+    """(1, h, w, D) `Sam.get_dense_pe`, a function of the params alone: a sine and a cosine per
+    cell of the embedding grid and channel (1M of each for the released models). The decoder
+    computes it when not given it; callers that decode a few prompts at a time pass it."""
+    return model.apply({"params": params}, method=Sam.get_dense_pe)
+
+
 def decoder_chunk(config: SamConfig, num_prompts: int) -> int:
     """Prompts `decode_in_chunks` decodes at once: all of them on accelerators; on the
     CPU as many as keep one (chunk, h, w, D) fp32 activation within 8 MiB."""
@@ -51,18 +61,19 @@ def decoder_chunk(config: SamConfig, num_prompts: int) -> int:
 
 def decode_in_chunks(model: Sam, params, image_embeddings: jax.Array, point_coords=None, point_labels=None,
                      boxes=None, mask_inputs=None, multimask_output: bool = True,
-                     chunk: Optional[int] = None, text_embeddings=None) -> tuple[jax.Array, jax.Array]:
+                     chunk: Optional[int] = None, text_embeddings=None,
+                     image_pe=None) -> tuple[jax.Array, jax.Array]:
     """`Sam.decode` of B prompts on one image (1, h, w, D), `chunk` prompts at a time
     (default `decoder_chunk`) under `lax.map`; the same outputs, (B, C, 4h, 4w) and (B, C).
     `text_embeddings` (B, E): CLIP embeddings for a model with a text-prompt head (rows of
-    zeros: no text prompt)."""
+    zeros: no text prompt). `image_pe`: `dense_pe(model, params)`, or None to compute it."""
     prompts = (point_coords, point_labels, boxes, mask_inputs, text_embeddings)
     b = next((x.shape[0] for x in prompts if x is not None), 1)
     chunk = decoder_chunk(model.config, b) if chunk is None else chunk
 
     def decode(p):
         *sam_prompts, text = p
-        return model.apply({"params": params}, image_embeddings, *sam_prompts, multimask_output, text,
+        return model.apply({"params": params}, image_embeddings, *sam_prompts, multimask_output, text, image_pe,
                            method=Sam.decode)
 
     if chunk >= b or image_embeddings.shape[0] != 1:
@@ -77,23 +88,23 @@ def decode_in_chunks(model: Sam, params, image_embeddings: jax.Array, point_coor
 
 @functools.partial(jax.jit, static_argnums=(0, 7))
 def decode_low_res(model: Sam, params, image_embeddings, point_coords, point_labels, boxes, mask_inputs,
-                   multimask_output: bool, text_embeddings=None) -> tuple[jax.Array, jax.Array]:
+                   multimask_output: bool, text_embeddings=None, image_pe=None) -> tuple[jax.Array, jax.Array]:
     """`decode_in_chunks`, compiled once per prompt shape whatever the image size."""
     return decode_in_chunks(model, params, image_embeddings, point_coords, point_labels, boxes, mask_inputs,
-                            multimask_output, text_embeddings=text_embeddings)
+                            multimask_output, text_embeddings=text_embeddings, image_pe=image_pe)
 
 
 def decode_prompts(model: Sam, params, image_embeddings, point_coords, point_labels, boxes, mask_inputs,
                    multimask_output: bool, input_size: tuple, original_size: tuple, return_logits: bool,
-                   text_embeddings=None):
+                   text_embeddings=None, image_pe=None):
     """B prompts on one image (1, h, w, D) -> masks (B, C, H, W) at `original_size` (logits if
     `return_logits`, else booleans), IoU predictions (B, C) and low-res logits (B, C, 4h, 4w).
-    `text_embeddings`: optional (B, E) CLIP embeddings (see `decode_in_chunks`).
+    `text_embeddings`: optional (B, E) CLIP embeddings; `image_pe`: see `decode_in_chunks`.
 
     Two compiled steps: the decoder (per prompt shape) and the upsampling (per image size),
     so a new image size recompiles only the upsampling, and a new prompt shape only the decoder."""
     low_res, iou = decode_low_res(model, params, image_embeddings, point_coords, point_labels, boxes,
-                                  mask_inputs, multimask_output, text_embeddings)
+                                  mask_inputs, multimask_output, text_embeddings, image_pe)
     threshold = None if return_logits else model.config.mask_threshold
     masks = upsample_masks(low_res, tuple(input_size), tuple(original_size), model.config.image_size, threshold)
     return masks, iou, low_res

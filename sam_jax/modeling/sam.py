@@ -82,6 +82,7 @@ class Sam(nn.Module):
         mask_inputs: Optional[jax.Array] = None,
         multimask_output: bool = True,
         text_embeddings: Optional[jax.Array] = None,
+        image_pe: Optional[jax.Array] = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Predicts low-res mask logits for B prompts on one image (or B images).
 
@@ -97,10 +98,15 @@ class Sam(nn.Module):
             with a text-prompt head, `config.text_embed_dim` = E). A row of zeros
             (never an L2-normalised embedding) is no text prompt: masked out, as a
             PADDING point is, so a fixed-shape batch can mix prompts with and without.
+          image_pe: (1, h, w, D) `get_dense_pe()`, or None to compute it here. It depends on
+            the params only: a caller that decodes one prompt at a time computes it once.
         Returns:
           low_res_logits (B, C, 4h, 4w) and iou_predictions (B, C).
         """
         self._check_prompts(image_embeddings, point_coords, point_labels, boxes, mask_inputs, text_embeddings)
+        e, d = self.config.embedding_size, self.config.prompt_embed_dim
+        if image_pe is not None and image_pe.shape != (1, e, e, d):
+            raise ValueError(f"image_pe must be (1, {e}, {e}, {d}), get_dense_pe()'s; got shape {image_pe.shape}")
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points, boxes, mask_inputs, text_embeddings)
         if mask_inputs is None:
@@ -123,12 +129,16 @@ class Sam(nn.Module):
             sparse_mask = jnp.concatenate([text, labels != PADDING, after], 1)
         return self.mask_decoder(
             image_embeddings,
-            self.prompt_encoder.get_dense_pe(),
+            self.get_dense_pe() if image_pe is None else image_pe,
             sparse,
             dense,
             multimask_output,
             sparse_mask,
         )
+
+    def get_dense_pe(self) -> jax.Array:
+        """(1, h, w, D) positional encoding of the image embedding grid (the prompt encoder's)."""
+        return self.prompt_encoder.get_dense_pe()
 
     def _check_prompts(self, image_embeddings, point_coords, point_labels, boxes, mask_inputs, text_embeddings):
         """Raises ValueError naming the argument whose shape is wrong (shapes are static)."""

@@ -22,6 +22,7 @@ a message naming the problem.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import secrets
@@ -114,6 +115,9 @@ class SegmentationService:
         uploads over `max_upload_bytes` bytes or `max_image_pixels` pixels are refused."""
         self.model = model
         self.params = params
+        # Each request decodes with a shallow copy of this one: it shares the params' positional
+        # encoding, computed once here (`SamPredictor.image_pe`), and holds its own image.
+        self._predictor = SamPredictor(model, params)
         self.images_folder = None if images_folder is None else Path(images_folder).resolve()
         if self.images_folder is not None and not self.images_folder.is_dir():
             raise ValueError(f"--images {images_folder}: no such folder")
@@ -178,7 +182,7 @@ class SegmentationService:
             raise RequestError(413 if isinstance(err, ImageTooLargeError) else 415, str(err)) from None
         with self._encode_lock:
             start = time.perf_counter()
-            predictor = SamPredictor(self.model, self.params)
+            predictor = copy.copy(self._predictor)
             predictor.set_image(image)
             predictor.features.block_until_ready()
             seconds = time.perf_counter() - start
@@ -206,7 +210,7 @@ class SegmentationService:
             coords = None if n == 0 else np.zeros((1, n, 2), np.float32)
             labels = None if n == 0 else np.ones((1, n), np.int32)
             decode_low_res(self.model, self.params, features, coords, labels, box if with_box else None,
-                           mask if with_mask else None, True)[0].block_until_ready()
+                           mask if with_mask else None, True, None, self._predictor.image_pe)[0].block_until_ready()
         self.decoder_warm = True
 
     def image(self, image_id: str) -> EmbeddedImage:
@@ -247,7 +251,7 @@ class SegmentationService:
                                   "predict again without mask_input").low_res_logits[index][None]
         if coords is None and boxes is None and logits is None:
             raise RequestError(422, "no prompt: give point_coords + point_labels, a box, or a mask_input")
-        predictor = SamPredictor(self.model, self.params)
+        predictor = copy.copy(self._predictor)
         predictor.set_embedding(entry.features, entry.input_size, entry.original_size)
         start = time.perf_counter()
         try:

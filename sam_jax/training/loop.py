@@ -37,7 +37,7 @@ from sam_jax.clip import CLIP
 from sam_jax.clip.checkpoint import load_clip
 from sam_jax.data.pipeline import DEFAULT_DATA_DIR, InputPipeline, PipelineConfig, evaluation_batches, open_source
 from sam_jax.evaluation import point_protocol
-from sam_jax.host import cpu_model, matmul_rate
+from sam_jax.host import compiled_flops, cpu_model, matmul_rate
 from sam_jax.modeling import Sam
 from sam_jax.training import report
 from sam_jax.training.config import TrainConfig
@@ -185,9 +185,7 @@ def compile_step(step, state, batch):
     """Compiles the step ahead of time; returns it and the FLOPs XLA counts in one step (0 if unknown:
     these include the rematerialised forward passes, so they exceed the model's own FLOPs)."""
     compiled = step.lower(state, batch).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return compiled, float((cost or {}).get("flops", 0.0))
+    return compiled, compiled_flops(compiled)
 
 
 def train_and_evaluate(config: TrainConfig, workdir: Path, data_dir: str = DEFAULT_DATA_DIR,
