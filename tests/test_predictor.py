@@ -210,7 +210,7 @@ def test_positional_encoding_is_computed_once_per_params(tiny, monkeypatch):
         return original(self)
 
     monkeypatch.setattr(Sam, "get_dense_pe", counted)
-    masks, iou, low_res = ours.predict(**clicks, return_logits=True)
+    _, iou, low_res = ours.predict(**clicks, return_logits=True)
     assert calls == []  # traced without it: the decoder took `image_pe`
     embedding = ours.features
     prompts = to_input_frame(ours.transform, ours.original_size, clicks["point_coords"][None],
@@ -220,9 +220,9 @@ def test_positional_encoding_is_computed_once_per_params(tiny, monkeypatch):
     np.testing.assert_allclose(low_res, np.asarray(inline)[0], rtol=0, atol=1e-6)
     np.testing.assert_allclose(iou, np.asarray(inline_iou)[0], rtol=0, atol=1e-6)
 
-    other = jax.tree_util.tree_map(lambda x: x, params)
-    pe_path = ("prompt_encoder", "pe_layer", "positional_encoding_gaussian_matrix")
-    other[pe_path[0]][pe_path[1]] = {pe_path[2]: 2 * params[pe_path[0]][pe_path[1]][pe_path[2]]}
+    other = jax.tree_util.tree_map(lambda x: x, params)  # new containers, the same arrays
+    gaussian = params["prompt_encoder"]["pe_layer"]["positional_encoding_gaussian_matrix"]
+    other["prompt_encoder"]["pe_layer"] = {"positional_encoding_gaussian_matrix": 2 * gaussian}
     ours.params = other
     fresh = SamPredictor(model, other)
     np.testing.assert_array_equal(np.asarray(ours.image_pe), np.asarray(fresh.image_pe))

@@ -103,10 +103,8 @@ class Sam(nn.Module):
         Returns:
           low_res_logits (B, C, 4h, 4w) and iou_predictions (B, C).
         """
-        self._check_prompts(image_embeddings, point_coords, point_labels, boxes, mask_inputs, text_embeddings)
-        e, d = self.config.embedding_size, self.config.prompt_embed_dim
-        if image_pe is not None and image_pe.shape != (1, e, e, d):
-            raise ValueError(f"image_pe must be (1, {e}, {e}, {d}), get_dense_pe()'s; got shape {image_pe.shape}")
+        self._check_prompts(image_embeddings, point_coords, point_labels, boxes, mask_inputs, text_embeddings,
+                            image_pe)
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points, boxes, mask_inputs, text_embeddings)
         if mask_inputs is None:
@@ -140,7 +138,8 @@ class Sam(nn.Module):
         """(1, h, w, D) positional encoding of the image embedding grid (the prompt encoder's)."""
         return self.prompt_encoder.get_dense_pe()
 
-    def _check_prompts(self, image_embeddings, point_coords, point_labels, boxes, mask_inputs, text_embeddings):
+    def _check_prompts(self, image_embeddings, point_coords, point_labels, boxes, mask_inputs, text_embeddings,
+                       image_pe=None):
         """Raises ValueError naming the argument whose shape is wrong (shapes are static)."""
         cfg = self.config
         e, m = cfg.embedding_size, cfg.low_res_mask_size
@@ -183,6 +182,9 @@ class Sam(nn.Module):
                 f"image_embeddings must be (1 or B={b}, {e}, {e}, {cfg.prompt_embed_dim}); "
                 f"got shape {image_embeddings.shape}"
             )
+        if image_pe is not None and image_pe.shape != (1,) + expected:
+            raise ValueError(f"image_pe must be (1, {e}, {e}, {cfg.prompt_embed_dim}), get_dense_pe()'s; "
+                             f"got shape {image_pe.shape}")
 
     def __call__(self, images, point_coords=None, point_labels=None, boxes=None,
                  mask_inputs=None, multimask_output: bool = True, deterministic: bool = True,
