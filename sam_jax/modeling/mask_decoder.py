@@ -141,9 +141,10 @@ class MaskDecoder(nn.Module):
         hyper_in = jnp.stack(
             [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i]) for i in ids], axis=1
         )  # (B, T, D/8)
-        # The product in the map's own (sub-pixel) order, then the T masks rearranged: transposing
-        # the D/8-channel map for an image-order product copies more than the masks hold.
-        masks = jnp.einsum("ntz,nijabcdz->ntijabcd", hyper_in, x)
-        masks = jnp.transpose(masks, (0, 1, 2, 4, 6, 3, 5, 7))  # (B, T, i, a, c, j, b, d)
+        # The product in the map's own (sub-pixel, channels-last) order, tokens last, then the
+        # T masks rearranged: a tokens-first product has XLA copy the D/8-channel map
+        # channels-first (D/8 / T times the data of the masks' rearrangement).
+        masks = jnp.einsum("nijabcdz,ntz->nijabcdt", x, hyper_in)
+        masks = jnp.transpose(masks, (0, 7, 1, 3, 5, 2, 4, 6))  # (B, T, i, a, c, j, b, d)
         iou_pred = self.iou_prediction_head(iou_token_out)[:, ids.start:ids.stop:ids.step]
         return masks.reshape(b, -1, 4 * h, 4 * w), iou_pred
