@@ -126,17 +126,23 @@ def test_dense_positional_encoding(prompt_parts):
     assert error < 1e-6
 
 
+# output_ids: the tokens the final attention runs for (the decoder's IoU token and returned
+# mask tokens): all, a leading slice (single-mask output), a gather (multimask output).
+@pytest.mark.parametrize("output_ids", [None, (0, 1), (0, 2, 3, 4)], ids=["all", "slice", "gather"])
 @torch.no_grad()
-def test_two_way_transformer(prompt_parts):
+def test_two_way_transformer(prompt_parts, output_ids):
     name, config, ref, params, embedding = prompt_parts
     tokens = rng.normal(size=(3, 9, config.prompt_embed_dim)).astype(np.float32)
     pe = ref.prompt_encoder.get_dense_pe()
     image = np.repeat(embedding, 3, axis=0)
     queries, keys = apply_submodule(
-        config, params, lambda m, x, p, t: m.mask_decoder.transformer(x, p, t),
+        config, params, lambda m, x, p, t: m.mask_decoder.transformer(x, p, t, output_ids=output_ids),
         image.transpose(0, 2, 3, 1), pe.numpy().transpose(0, 2, 3, 1), tokens,
     )
     ref_queries, ref_keys = ref.mask_decoder.transformer(to_torch(image), pe, to_torch(tokens))
+    if output_ids is not None:
+        ref_queries = ref_queries[:, list(output_ids)]
+    assert queries.shape == tuple(ref_queries.shape)
     q_error, k_error = relative_error(queries, ref_queries), relative_error(keys, ref_keys)
     report(f"{name} two-way transformer: tokens", q_error)
     report(f"{name} two-way transformer: image", k_error)

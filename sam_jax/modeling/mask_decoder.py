@@ -110,9 +110,9 @@ class MaskDecoder(nn.Module):
                       dense_prompt_embeddings, sparse_prompt_mask=None,
                       mask_token_ids: Optional[range] = None) -> tuple[jax.Array, jax.Array]:
         """Masks (B, T, 4h, 4w) and IoU predictions (B, T) of the mask tokens `mask_token_ids`
-        (static; default all 1 + num_multimask_outputs). Every token still takes part in
-        the transformer; only the returned ones run their hypernetwork and mask product,
-        the same numbers as slicing all of them."""
+        (static; default all 1 + num_multimask_outputs). Every token takes part in the
+        transformer's layers; only the IoU token and the returned ones run its final attention,
+        their hypernetwork and mask product, the same numbers as slicing all of them."""
         ids = range(self.num_mask_tokens) if mask_token_ids is None else mask_token_ids
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = jnp.concatenate(
@@ -125,9 +125,12 @@ class MaskDecoder(nn.Module):
         token_mask = None
         if sparse_prompt_mask is not None:  # output tokens are always attended to
             token_mask = jnp.concatenate([jnp.ones(output_tokens.shape[:2], bool), sparse_prompt_mask], 1)
-        hs, src = self.transformer(src, image_pe.astype(self.dtype), tokens, token_mask)
+        if self.is_initializing():  # every hypernetwork owns params, whichever tokens are asked for
+            ids = range(self.num_mask_tokens)
+        hs, src = self.transformer(src, image_pe.astype(self.dtype), tokens, token_mask,
+                                   output_ids=(0, *(1 + i for i in ids)))
         iou_token_out = hs[:, 0]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
+        mask_tokens_out = hs[:, 1:]  # (B, T, D), the tokens `ids`
 
         h, w = image_embeddings.shape[1:3]
         x = src.reshape(b, h, w, self.transformer_dim)
@@ -135,11 +138,8 @@ class MaskDecoder(nn.Module):
         # only the T final masks are rearranged to image layout.
         x = gelu(self.output_upscaling_1(self.output_upscaling_0(x)))  # (B, h, w, 2, 2, D/4)
         x = gelu(self.output_upscaling_3(x))  # (B, h, w, 2, 2, 2, 2, D/8)
-        if self.is_initializing():  # every hypernetwork owns params, whichever tokens are asked for
-            for i, mlp in enumerate(self.output_hypernetworks_mlps):
-                mlp(mask_tokens_out[:, i])
         hyper_in = jnp.stack(
-            [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i]) for i in ids], axis=1
+            [self.output_hypernetworks_mlps[i](mask_tokens_out[:, t]) for t, i in enumerate(ids)], axis=1
         )  # (B, T, D/8)
         # The product in the map's own (sub-pixel, channels-last) order, tokens last, then the
         # T masks rearranged: a tokens-first product has XLA copy the D/8-channel map

@@ -7,10 +7,12 @@ LayerNorm epsilon is PyTorch's default 1e-5 here, unlike the encoder's 1e-6.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sam_jax.modeling.common import Dtype, LayerNorm, MLPBlock, softmax_fp32
 
@@ -159,7 +161,8 @@ class TwoWayTransformer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, image_embedding, image_pe, point_embedding, token_mask=None):
+    def __call__(self, image_embedding, image_pe, point_embedding, token_mask=None,
+                 output_ids: Optional[tuple[int, ...]] = None):
         """Runs the transformer.
 
         Args:
@@ -168,8 +171,11 @@ class TwoWayTransformer(nn.Module):
           point_embedding: (B, N, D) tokens.
           token_mask: optional (B, N) bool; False tokens (padding) are never
             attended to, so they change no other output.
+          output_ids: static indices of the tokens to return (default all N). The final
+            token-to-image attention and its LayerNorm act on each token alone, so they
+            run only for these: the same numbers as slicing all N.
         Returns:
-          queries (B, N, D) and keys (B, h * w, D).
+          queries (B, len(output_ids), D) and keys (B, h * w, D).
         """
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, h, w, d = image_embedding.shape
@@ -188,6 +194,10 @@ class TwoWayTransformer(nn.Module):
         final = Attention(
             self.num_heads, self.attention_downsample_rate, name="final_attn_token_to_image", **kw
         )
+        if output_ids is not None:
+            ids = list(output_ids)
+            ids = slice(ids[0], ids[-1] + 1) if ids == list(range(ids[0], ids[-1] + 1)) else np.asarray(ids)
+            queries, point_embedding = queries[:, ids], point_embedding[:, ids]
         queries = queries + final(queries + point_embedding, keys + key_pe, keys)
         queries = LayerNorm(DECODER_LN_EPS, name="norm_final_attn", **kw)(queries)
         return queries, keys
