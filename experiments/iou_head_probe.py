@@ -83,9 +83,9 @@ def _decode_first_click(model, params, embeddings, coords, labels, image_hw, tar
     b, m, c = iou.shape
     masks = resize_bilinear(low_res.reshape((b * m, c) + low_res.shape[-2:]), (t, t)) > model.config.mask_threshold
     masks = masks.reshape(b, m, c, t, t) & valid_region(image_hw, t)[:, None, None]
-    # Tokens: 0 the IoU token, 1 the single-mask one, 2..c+1 the c multimask ones, then the prompts'.
-    tokens = jnp.concatenate([hs[:, :, :1], hs[:, :, 2:2 + c]], axis=2)
-    return tokens, iou, mask_iou(masks, targets[:, :, None])
+    # The transformer returns only the tokens the decoder reads: the IoU token, then the c
+    # multimask ones.
+    return hs, iou, mask_iou(masks, targets[:, :, None])
 
 
 def collect(model, params, batches: Iterable[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
