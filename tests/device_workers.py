@@ -30,11 +30,12 @@ def init_worker() -> argparse.Namespace:
     return args
 
 
-def run_workers(worker: str, tmp_path, num_processes: int, devices_per_process: int, xla_flags: str = "") -> list:
+def run_workers(worker: str, tmp_path, num_processes: int, devices_per_process: int) -> list:
     """Runs `worker` as `num_processes` processes of `devices_per_process` CPU devices; their .npz contents."""
     import numpy as np
 
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} {xla_flags}")
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices_per_process}"
+    env = dict(os.environ, XLA_FLAGS=xla_flags.strip())  # keeps conftest's FAST_COMPILE
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]

@@ -61,13 +61,9 @@ BASE = plain(weight_decay=0.1, layer_decay=0.5)  # strong layer decay: 0.5 ** 5 
 
 @functools.lru_cache(maxsize=None)
 def stepper(config: OptimizerConfig, scan_blocks: bool):
-    """(optimizer, jitted update), built from ShapeDtypeStructs and compiled once per config.
-
-    XLA's backend optimisations are off: they triple the compile time of this update
-    over ~200 small leaves (seconds on a shared CPU) and change nothing tested here.
-    """
+    """(optimizer, jitted update), built from ShapeDtypeStructs and compiled once per config."""
     optimizer = make_optimizer(config, abstract_params(TINY, scan_blocks=scan_blocks), TINY)
-    return optimizer, jax.jit(optimizer.update, compiler_options={"xla_backend_optimization_level": 0})
+    return optimizer, jax.jit(optimizer.update)
 
 
 def run(config, params, grads_seq):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_train_run import FAST_COMPILE, MICRO, params_of
+from test_train_run import MICRO, params_of
 
 DEVICES = 8
 STEPS = 3  # single-prompt steps: the full loop under pmap is test_train_step.py's (one compile less here)
@@ -21,7 +21,7 @@ WORKER = Path(__file__).parent / "train_parallelism_worker.py"
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, synthetic_data_dir):
     out = tmp_path_factory.mktemp("parallelism")
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES} {FAST_COMPILE}")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={DEVICES}")
     overrides = [f"data.global_batch_size={DEVICES}", f"optimizer.total_steps={STEPS}", f"single_prompt_steps={STEPS}",
                  "optimizer.grad_clip_norm=0.5", *MICRO]
     result = subprocess.run([sys.executable, str(WORKER), synthetic_data_dir, str(out), *overrides], env=env,

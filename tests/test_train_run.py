@@ -2,7 +2,6 @@
 writes, `sam-jax segment` on its export, exact resume after SIGKILL, and refused inputs."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -27,9 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MICRO = ("model.encoder.depth=2", "model.encoder.global_attn_indexes=(1,)", "model.decoder_depth=1",
          "model.encoder.image_size=128", "model.encoder.window_size=4", "data.preprocess.image_size=128",
          "data.preprocess.low_res_size=32")
-# Every run here compiles both loops' steps (~1 min each at full optimisation on 2 cores); LLVM's
-# lower optimisation level compiles them in about half the time, alike for every run compared.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +33,13 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("jax_cache"))
 
 
-def run_train(workdir, synthetic_data_dir, cache_dir, *overrides, wait=True, env=None):
-    env = dict(os.environ if env is None else env)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+def run_train(workdir, synthetic_data_dir, cache_dir, *overrides, wait=True):
+    """`experiments.train` on the micro model in a subprocess (at conftest's FAST_COMPILE, inherited)."""
     command = [sys.executable, "-m", "experiments.train", "--config", "synthetic_smoke", "--workdir", str(workdir),
                "--data-dir", synthetic_data_dir, "--compilation-cache", cache_dir, "--no-progress"]
     for override in (*MICRO, *overrides):
         command += ["--set", override]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:
         return process
     out, err = process.communicate(timeout=900)

@@ -12,7 +12,6 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 import device_workers
-from test_train_run import FAST_COMPILE  # the workers compile 2 steps each
 from sam_jax.configs import get_config
 from sam_jax.modeling import Sam
 from sam_jax.training.interactive import InteractiveConfig
@@ -225,7 +224,7 @@ def test_a_pmapped_step_fed_its_own_outputs_compiles_once():
 
 
 def test_pmap_and_mesh_on_eight_devices_equal_one_device(tmp_path, one_device):
-    (arrays,) = device_workers.run_workers(WORKER, tmp_path, 1, 8, FAST_COMPILE)
+    (arrays,) = device_workers.run_workers(WORKER, tmp_path, 1, 8)
     assert int(arrays["device_count"]) == 8 and int(arrays["mesh_sharded_leaves"]) > 0
     for prefix in ("pmap", "mesh"):
         _assert_metrics_equal(arrays, prefix, one_device[3])
@@ -233,7 +232,7 @@ def test_pmap_and_mesh_on_eight_devices_equal_one_device(tmp_path, one_device):
 
 
 def test_two_processes_equal_one_device(tmp_path, one_device):
-    results = device_workers.run_workers(WORKER, tmp_path, 2, 2, FAST_COMPILE)
+    results = device_workers.run_workers(WORKER, tmp_path, 2, 2)
     for arrays in results:
         assert int(arrays["device_count"]) == 4
         _assert_metrics_equal(arrays, "mesh", one_device[3])

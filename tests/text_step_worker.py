@@ -1,6 +1,7 @@
 """One text-prompt train step (CLIP crop embeddings as first prompts) three ways, saving its
 metrics and the text head: one device (jit), `pmap` over all local devices, and `jit` over a
-Mesh with the FSDP-sharded state (CLIP's frozen params sharded too).
+Mesh with the FSDP-sharded state (CLIP's frozen params sharded too). For the one-device step
+also the head before it, whether it skipped, and whether CLIP's frozen params came back unchanged.
 
   python tests/text_step_worker.py OUT.npz   (XLA_FLAGS=--xla_force_host_platform_device_count=K)
 """
@@ -17,7 +18,7 @@ import numpy as np
 
 import device_workers
 
-METRICS = ("total_loss", "grad_norm", "loss", "miou")
+METRICS = ("total_loss", "grad_norm", "loss", "miou", "skipped")
 
 
 def main() -> None:
@@ -48,6 +49,9 @@ def main() -> None:
 
     one, metrics = jax.jit(make_train_step(model, opt_config, interactive, clip=clip))(state, batch)
     save("one", one, metrics)
+    results["one/head_before"] = np.asarray(state.params["prompt_encoder"]["text_projection"]["kernel"])
+    results["one/frozen_unchanged"] = all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(jax.device_get(one.frozen)), jax.tree.leaves(frozen)))
 
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     step, shardings = sharded_train_step(make_train_step(model, opt_config, interactive, fsdp_mesh=mesh, clip=clip),
