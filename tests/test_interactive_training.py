@@ -219,23 +219,37 @@ def test_iou_loss_supervises_the_chosen_candidate_or_all(supervise_all_iou):
     assert abs(iou_loss(supervise_all_iou) - iou_loss(not supervise_all_iou)) > 1e-3
 
 
-def test_gradients_reach_encoder_and_decoder_and_no_recompile(tiny):
-    model, params = tiny
-    config = InteractiveConfig(num_correction_points=2, num_mask_only=1)
-    batch = jax.tree.map(jnp.asarray, _batch())
+def loop_loss_and_grads(model, **config_changes):
+    """(params, batch, keys) -> ((loss, metrics), grads) of the interactive loop (2 corrections,
+    1 mask-only iteration) through the image encoder and the decoder; not jitted."""
+    config = InteractiveConfig(num_correction_points=2, num_mask_only=1, **config_changes)
+
+    def loss_fn(params, batch, keys):
+        images = preprocess_padded(batch["image"], batch["image_size"], model.config)
+        embeddings = model.apply({"params": params}, images, method=Sam.encode_image)
+        return interactive_loss(make_decode(model, params), embeddings, batch, keys, config, 128)
+
+    return jax.value_and_grad(loss_fn, has_aux=True)
+
+
+@pytest.fixture(scope="module")
+def default_loop(tiny):
+    """The default loop's jitted loss and gradients, compiled once for this file's tests, and the
+    list its tracing appends to."""
     traces = []
 
     @jax.jit
-    def loss_and_grads(params, batch, key):
+    def loss_and_grads(params, batch, keys):
         traces.append(1)
+        return loop_loss_and_grads(tiny[0])(params, batch, keys)
 
-        def loss_fn(params):
-            images = preprocess_padded(batch["image"], batch["image_size"], model.config)
-            embeddings = model.apply({"params": params}, images, method=Sam.encode_image)
-            return interactive_loss(make_decode(model, params), embeddings, batch, key, config, 128)
+    return loss_and_grads, traces
 
-        return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
+def test_gradients_reach_encoder_and_decoder_and_no_recompile(tiny, default_loop):
+    _, params = tiny
+    loss_and_grads, traces = default_loop
+    batch = jax.tree.map(jnp.asarray, _batch())
     (loss, metrics), grads = loss_and_grads(params, batch, jax.random.split(jax.random.PRNGKey(0), 2))
     assert np.isfinite(float(loss)) and metrics["miou"].shape == (4,)
     norms = {name: float(optax_global_norm(grads[name])) for name in ("image_encoder", "mask_decoder", "prompt_encoder")}
@@ -245,25 +259,14 @@ def test_gradients_reach_encoder_and_decoder_and_no_recompile(tiny):
 
 
 @pytest.mark.parametrize("variant", [dict(mask_chunks=3), dict(remat=False)])
-def test_mask_chunks_and_remat_give_the_same_losses_and_gradients(tiny, variant):
+def test_mask_chunks_and_remat_give_the_same_losses_and_gradients(tiny, default_loop, variant):
     """Decoding each image's masks in rematerialised chunks, or not rematerialising the iterations,
     changes nothing but memory and time."""
     model, params = tiny
     batch = jax.tree.map(jnp.asarray, _batch())
     keys = jax.random.split(jax.random.PRNGKey(3), 2)
-
-    def loss_and_grads(**kw):
-        config = InteractiveConfig(num_correction_points=2, num_mask_only=1, **kw)
-
-        def loss_fn(params):
-            images = preprocess_padded(batch["image"], batch["image_size"], model.config)
-            embeddings = model.apply({"params": params}, images, method=Sam.encode_image)
-            return interactive_loss(make_decode(model, params), embeddings, batch, keys, config, 128)
-
-        return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
-
-    (loss, metrics), grads = loss_and_grads()
-    (variant_loss, variant_metrics), variant_grads = loss_and_grads(**variant)
+    (loss, metrics), grads = default_loop[0](params, batch, keys)
+    (variant_loss, variant_metrics), variant_grads = jax.jit(loop_loss_and_grads(model, **variant))(params, batch, keys)
     np.testing.assert_allclose(variant_loss, loss, rtol=1e-5)
     for name in metrics:
         np.testing.assert_allclose(variant_metrics[name], metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)
