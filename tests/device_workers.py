@@ -30,12 +30,17 @@ def init_worker() -> argparse.Namespace:
     return args
 
 
+def cpu_devices_env(count: int) -> dict:
+    """os.environ with XLA_FLAGS asking for `count` CPU devices, the inherited flags (conftest's FAST_COMPILE) kept."""
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
+    return dict(os.environ, XLA_FLAGS=xla_flags.strip())
+
+
 def run_workers(worker: str, tmp_path, num_processes: int, devices_per_process: int) -> list:
     """Runs `worker` as `num_processes` processes of `devices_per_process` CPU devices; their .npz contents."""
     import numpy as np
 
-    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices_per_process}"
-    env = dict(os.environ, XLA_FLAGS=xla_flags.strip())  # keeps conftest's FAST_COMPILE
+    env = cpu_devices_env(devices_per_process)
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]

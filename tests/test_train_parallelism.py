@@ -2,7 +2,6 @@
 `sam_jax.training.loop.train_and_evaluate` end to end on 8 fake CPU devices."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import device_workers
 from test_train_run import MICRO, params_of
 
 DEVICES = 8
@@ -21,7 +21,7 @@ WORKER = Path(__file__).parent / "train_parallelism_worker.py"
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, synthetic_data_dir):
     out = tmp_path_factory.mktemp("parallelism")
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={DEVICES}")
+    env = device_workers.cpu_devices_env(DEVICES)
     overrides = [f"data.global_batch_size={DEVICES}", f"optimizer.total_steps={STEPS}", f"single_prompt_steps={STEPS}",
                  "optimizer.grad_clip_norm=0.5", *MICRO]
     result = subprocess.run([sys.executable, str(WORKER), synthetic_data_dir, str(out), *overrides], env=env,
