@@ -48,8 +48,9 @@ def synthetic_cpu() -> TrainConfig:
     masks), then 700 steps of the paper's full 11-iteration loop on 6 of them (~0.5 s each), lr / 10
     for the last 250. A step of the first kind costs mostly the decoder and the encoder, so twice the
     masks cost a fifth more time and teach iteration 1 faster per second; a full-loop step costs
-    mostly the decoder, per mask, so it keeps 6 (`interactive.max_masks`). Layer-wise lr decay 0.6
-    (the paper's ViT-B value): with one lr everywhere the encoder's image features, learnt in the
+    mostly the decoder, per mask, so it keeps 6 (`interactive.max_masks`) and decodes the images in
+    two independent groups that two cores run side by side (`interactive.image_groups`). Layer-wise
+    lr decay 0.6 (the paper's ViT-B value): with one lr everywhere the encoder's image features, learnt in the
     first ~500 steps, were lost again and the trained model segmented a uniform grey image as well as
     the real one (README, Training). Layer decay keeps them in seeds 0 and 2 of this schedule, not in
     seeds 1 and 3 (seed 1 keeps them with twice the steps). Measured there: 1,500 more
@@ -67,7 +68,7 @@ def synthetic_cpu() -> TrainConfig:
             learning_rate=2e-3, warmup_steps=50, decay_steps=(1_950,), total_steps=2_200, layer_decay=0.6,
             weight_decay=0.05, grad_clip_norm=1.0,
         ),
-        interactive=InteractiveConfig(max_masks=6),
+        interactive=InteractiveConfig(max_masks=6, image_groups=2),
         single_prompt_steps=1_500,
         log_every=10,
         checkpoint_every=250,

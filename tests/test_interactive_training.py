@@ -258,10 +258,10 @@ def test_gradients_reach_encoder_and_decoder_and_no_recompile(tiny, default_loop
     assert len(traces) == 1
 
 
-@pytest.mark.parametrize("variant", [dict(mask_chunks=3), dict(remat=False)])
-def test_mask_chunks_and_remat_give_the_same_losses_and_gradients(tiny, default_loop, variant):
+@pytest.mark.parametrize("variant", [dict(mask_chunks=3, image_groups=2), dict(remat=False, image_groups=2)])
+def test_mask_chunks_remat_and_image_groups_give_the_same_losses_and_gradients(tiny, default_loop, variant):
     """Decoding each image's masks in rematerialised chunks, or not rematerialising the iterations,
-    changes nothing but memory and time."""
+    and decoding the images in independent groups, change nothing but memory and time."""
     model, params = tiny
     batch = jax.tree.map(jnp.asarray, _batch())
     keys = jax.random.split(jax.random.PRNGKey(3), 2)
@@ -286,8 +286,10 @@ def optax_global_norm(tree):
 def test_config_errors():
     with pytest.raises(ValueError, match="num_correction_points and num_mask_only"):
         InteractiveConfig(num_correction_points=-1)
-    with pytest.raises(ValueError, match="mask_chunks must be >= 1"):
+    with pytest.raises(ValueError, match="mask_chunks and image_groups must be >= 1"):
         InteractiveConfig(mask_chunks=0)
+    with pytest.raises(ValueError, match="mask_chunks and image_groups must be >= 1"):
+        InteractiveConfig(image_groups=0)
     with pytest.raises(ValueError, match="box_probability"):
         dataclasses.replace(InteractiveConfig(), box_probability=2.0)
     with pytest.raises(ValueError, match="max_masks must be None or >= 1"):

@@ -74,6 +74,11 @@ class InteractiveConfig:
     # one (masks / chunks) x tokens x 256 copy of the image tokens per activation, the bulk of a
     # 64-mask step's memory (`experiments/memory_plan.py`). Same losses, more recomputation.
     mask_chunks: int = 1
+    # Decode the images in this many near-equal groups (at most one per image), each its own decoder
+    # call with no data flow between them, so that XLA's CPU runtime runs them side by side: at a few
+    # masks per image the decoder's ops are too small to keep every core busy alone (the main job's
+    # full-loop step on a 2-core host: README, Training). Same losses up to float rounding. For CPUs.
+    image_groups: int = 1
     # Rematerialise each iteration (and each chunk) in the backward pass: memory then holds one
     # iteration's activations instead of all of them, for one more forward pass of the decoder.
     remat: bool = True
@@ -88,8 +93,8 @@ class InteractiveConfig:
     text: TextPromptConfig = TextPromptConfig()
 
     def __post_init__(self):
-        if self.mask_chunks < 1:
-            raise ValueError(f"mask_chunks must be >= 1, got {self.mask_chunks}")
+        if self.mask_chunks < 1 or self.image_groups < 1:
+            raise ValueError(f"mask_chunks and image_groups must be >= 1, got {self.mask_chunks}, {self.image_groups}")
         if self.num_correction_points < 0 or self.num_mask_only < 0:
             raise ValueError(
                 f"num_correction_points and num_mask_only must be >= 0, got "
@@ -248,17 +253,32 @@ def interactive_loss(
     if m % chunks:
         raise ValueError(f"interactive.mask_chunks={chunks} must divide the masks per image ({m})")
 
+    # Group g decodes images bounds[g] .. bounds[g + 1] - 1.
+    groups = min(config.image_groups, b)
+    bounds = [g * b // groups for g in range(groups + 1)]
+
+    def decode_in_groups(coords, labels, mask_inputs, multimask, *text):
+        """`decode` on (B, M', ...) prompts, as independent calls on the groups of images."""
+        if groups == 1:
+            return decode(image_embeddings, coords, labels, mask_inputs, multimask, *text)
+        outputs = []
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            part = lambda x: None if x is None else x[start:stop]
+            outputs.append(decode(part(image_embeddings), part(coords), part(labels), part(mask_inputs), multimask,
+                                  *map(part, text)))
+        return tuple(jnp.concatenate(parts) for parts in zip(*outputs))
+
     def run(coords, labels, mask_inputs, multimask):
         if chunks == 1:
             shaped = lambda x: x.reshape((b, m) + x.shape[1:])
-            logits, iou = decode(image_embeddings, shaped(coords), shaped(labels),
-                                 None if mask_inputs is None else shaped(mask_inputs), multimask,
-                                 *(() if text is None else (shaped(text),)))
+            logits, iou = decode_in_groups(shaped(coords), shaped(labels),
+                                           None if mask_inputs is None else shaped(mask_inputs), multimask,
+                                           *(() if text is None else (shaped(text),)))
             return logits.reshape((k,) + logits.shape[2:]), iou.reshape(k, -1)
         # (K, ...) -> (chunks, B, M / chunks, ...): chunk c holds masks c * M / chunks.. of every image
         split = lambda x: jnp.moveaxis(x.reshape((b, chunks, m // chunks) + x.shape[1:]), 1, 0)
         merge = lambda x: jnp.moveaxis(x, 0, 1).reshape((k,) + x.shape[3:])
-        chunk = remat(lambda args: decode(image_embeddings, *args[:3], multimask, *args[3:]))
+        chunk = remat(lambda args: decode_in_groups(*args[:3], multimask, *args[3:]))
         maybe = lambda x: None if x is None else split(x)
         texts = () if text is None else (split(text),)
         logits, iou = jax.lax.map(chunk, (split(coords), split(labels), maybe(mask_inputs), *texts))
