@@ -82,12 +82,19 @@ def encoder_flops(config: SamConfig, batch: int) -> float:
 
 def timed(fn, repeats: int) -> dict:
     """Median and spread of `repeats` wall-clock runs of fn (after the caller's warm-up)."""
-    times = []
+    return timed_alternately([fn], repeats)[0]
+
+
+def timed_alternately(fns, repeats: int) -> list:
+    """`timed` of each of fns, their runs alternating (one of each per round): a host whose speed
+    drifts over minutes then moves all of them alike."""
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "times_s": times}
+        for fn, fn_times in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            fn_times.append(time.perf_counter() - start)
+    return [{"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "times_s": t} for t in times]
 
 
 def first_run(fn) -> float:

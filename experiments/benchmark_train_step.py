@@ -3,6 +3,7 @@
     python -m experiments.benchmark_train_step                              # synthetic_cpu, both phases
     python -m experiments.benchmark_train_step --repeats 20 --set model.encoder.patch_size=8
     python -m experiments.benchmark_train_step --profile workdir/step_trace  # + a trace, time by model part
+    python -m experiments.benchmark_train_step --against interactive.image_groups=1  # against a variant
 
 Times the step that `experiments.train` compiles for each phase of a config: "single_prompt" (the
 loop's first iteration only, what `single_prompt_steps` train) and "full_loop" (all interactive
@@ -10,8 +11,9 @@ iterations), one device, on a fixed batch shaped as the input pipeline yields it
 masks: a step's cost depends on shapes, not on the pixels). Steps feed their state on, as in
 training; compiling and the first call are not timed. FLOPs are XLA's cost analysis of the compiled
 step (the rematerialised forward passes included); the host's CPU model and fp32 matmul rate,
-measured in the same run, are recorded beside them. Like `experiments.train`, it re-executes itself
-with glibc's huge-page malloc tunable.
+measured in the same run, are recorded beside them. `--against` compiles a variant of the config
+too and alternates the two steps' timed calls, for changes smaller than the drift of a host's speed
+over minutes. Like `experiments.train`, it re-executes itself with glibc's huge-page malloc tunable.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Callable, List, NamedTuple, Optional
 import jax
 import numpy as np
 
-from experiments.benchmark_inference import timed
+from experiments.benchmark_inference import timed_alternately
 from experiments.train import restart_with_huge_pages
 from experiments.train_configs import get_config
 from sam_jax.host import cpu_model, matmul_rate
@@ -141,30 +143,37 @@ def op_time_by_part(trace_dir: Path, hlo: str, steps: int) -> dict:
             "parts": parts}
 
 
-def bench_phase(config, phase: str, repeats: int, profile_dir: Optional[str]) -> dict:
-    interactive = config.interactive_at(1 if phase == "single_prompt" else config.total_steps)
-    prepared = prepare_step(config, interactive, config.data.global_batch_size)
-    one_step, flops, compile_s = prepared.run, prepared.flops, prepared.compile_s
-    first = one_step()  # the first call of a compiled step still allocates; not timed
-    entry = timed(one_step, repeats)
-    profile = None
+def bench_phase(config, phase: str, repeats: int, profile_dir: Optional[str], against=None) -> dict:
+    """The phase's step timed; with `against` (a second config), that config's step too, compiled in
+    the same process and timed in alternation with it (the entry's "against")."""
+    configs = [config] if against is None else [config, against]
+    interactives = [c.interactive_at(1 if phase == "single_prompt" else c.total_steps) for c in configs]
+    prepared = [prepare_step(c, i, c.data.global_batch_size) for c, i in zip(configs, interactives)]
+    firsts = [p.run() for p in prepared]  # the first call of a compiled step still allocates; not timed
+    entries = []
+    for c, interactive, step, first, timing in zip(configs, interactives, prepared, firsts,
+                                                   timed_alternately([p.run for p in prepared], repeats)):
+        entries.append({
+            "iterations": interactive.num_iterations,
+            "images": c.data.global_batch_size,
+            "masks_per_image": c.data.preprocess.max_masks,
+            "compile_s": round(step.compile_s, 2),
+            **timing,
+            "xla_gflops_per_step": step.flops / 1e9,
+            "gflops_per_s": step.flops / timing["median_s"] / 1e9,
+            "loss": float(first["total_loss"]),
+        })
+    entry = entries[0]
+    if against is not None:
+        entry["against"] = entries[1]
+        entry["speedup_vs_against"] = entries[1]["median_s"] / entry["median_s"]
     if profile_dir:
         trace_dir = Path(profile_dir) / phase
         with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
             for _ in range(PROFILED_STEPS):
-                one_step()
-        profile = op_time_by_part(trace_dir, prepared.hlo, PROFILED_STEPS)
-    return {
-        "iterations": interactive.num_iterations,
-        "images": config.data.global_batch_size,
-        "masks_per_image": config.data.preprocess.max_masks,
-        "compile_s": round(compile_s, 2),
-        **entry,
-        "xla_gflops_per_step": flops / 1e9,
-        "gflops_per_s": flops / entry["median_s"] / 1e9,
-        "loss": float(first["total_loss"]),
-        **({"profile": profile} if profile else {}),
-    }
+                prepared[0].run()
+        entry["profile"] = op_time_by_part(trace_dir, prepared[0].hlo, PROFILED_STEPS)
+    return entry
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -175,22 +184,31 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per phase")
     parser.add_argument("--profile", help="write a jax.profiler trace of 3 more steps per phase here, and their op "
                                           "time by model part to the JSON")
+    parser.add_argument("--against", action="append", default=[], metavar="PATH=VALUE",
+                        help="also time the config with these overrides added (after --set's), compiled in the "
+                             "same process, its steps alternating with the config's; the JSON gives its times "
+                             "and the config's speed-up over it")
     parser.add_argument("--output", help="default workdir/benchmarks/train_step_<config>.json")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     config = get_config(args.config, tuple(args.overrides))
+    against = get_config(args.config, (*args.overrides, *args.against)) if args.against else None
     result = {
-        "config": args.config, "overrides": args.overrides, "model": config.model.name,
+        "config": args.config, "overrides": args.overrides, "against": args.against, "model": config.model.name,
         "cpu_model": cpu_model(), "devices": str(jax.devices()[0].device_kind),
         "matmul_fp32_gflops_per_s": round(matmul_rate(2048, 5) / 1e9, 1),
     }
     for phase in args.phases:
-        result[phase] = bench_phase(config, phase, args.repeats, args.profile)
+        result[phase] = bench_phase(config, phase, args.repeats, args.profile, against)
         entry = result[phase]
-        print(f"{phase}: {entry['median_s'] * 1e3:.1f} ms/step (min {entry['min_s'] * 1e3:.1f}), "
-              f"{entry['xla_gflops_per_step']:.2f} GFLOP, {entry['gflops_per_s']:.1f} GFLOP/s, "
-              f"compile {entry['compile_s']} s", flush=True)
+        for name, e in ((phase, entry), (f"{phase} with {' '.join(args.against)}", entry.get("against"))):
+            if e is not None:
+                print(f"{name}: {e['median_s'] * 1e3:.1f} ms/step (min {e['min_s'] * 1e3:.1f}), "
+                      f"{e['xla_gflops_per_step']:.2f} GFLOP, {e['gflops_per_s']:.1f} GFLOP/s, "
+                      f"compile {e['compile_s']} s", flush=True)
+        if against is not None:
+            print(f"  speed-up over it: {entry['speedup_vs_against']:.3f}x (medians, alternating calls)")
         for part, times in entry.get("profile", {}).get("parts", {}).items():
             print(f"  {part}: {times['forward_ms']:.1f} ms forward + {times['backward_ms']:.1f} ms backward "
                   f"({times['share']:.0%} of the op time, {times['ops']} ops)")

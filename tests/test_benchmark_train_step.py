@@ -7,6 +7,7 @@ import json
 import math
 
 from experiments import benchmark_train_step
+from experiments.benchmark_inference import timed_alternately
 from experiments.train_configs import get_config
 from test_train_run import MICRO
 
@@ -46,3 +47,26 @@ def test_both_phases_are_timed_with_their_flops(tmp_path):
     assert sampling_ops(full) > sampling_ops(single)
     assert (full["profile"]["parts"]["mask decoder: two-way transformer"]["ops"]
             > 2 * single["profile"]["parts"]["mask decoder: two-way transformer"]["ops"])
+
+
+def test_against_times_a_variant_in_the_same_process(tmp_path):
+    output = tmp_path / "step.json"
+    overrides = [arg for override in MICRO for arg in ("--set", override)]
+    benchmark_train_step.main(["--config", "synthetic_smoke", "--phases", "single_prompt", "--repeats", "3",
+                               "--output", str(output), *overrides, "--against", "interactive.image_groups=2"])
+    result = json.loads(output.read_text())
+    assert result["against"] == ["interactive.image_groups=2"] and "full_loop" not in result
+    entry = result["single_prompt"]
+    variant = entry["against"]
+    assert len(entry["times_s"]) == len(variant["times_s"]) == 3
+    assert math.isclose(entry["speedup_vs_against"], variant["median_s"] / entry["median_s"])
+    # The variant is its own program (the decoder called once per image) with the same losses.
+    assert variant["xla_gflops_per_step"] != entry["xla_gflops_per_step"]
+    assert math.isclose(variant["loss"], entry["loss"], rel_tol=1e-5)
+
+
+def test_timed_alternately_alternates():
+    calls = []
+    entries = timed_alternately([lambda: calls.append("a"), lambda: calls.append("b")], 3)
+    assert calls == ["a", "b"] * 3
+    assert [len(entry["times_s"]) for entry in entries] == [3, 3]
