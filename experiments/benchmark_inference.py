@@ -46,7 +46,7 @@ import numpy as np
 
 from experiments.sample_image import synthetic_image
 from sam_jax.configs import CONFIGS, SamConfig
-from sam_jax.host import compiled_flops, cpu_model, matmul_rate
+from sam_jax.host import cpu_model, matmul_rate, xla_flops
 from sam_jax.modeling import Sam
 
 PARTS = ("encoder", "decoder", "amg")
@@ -181,26 +181,19 @@ def bench_decoder(result, model, params, reference, repeats, chunks=()):
 
 def decoder_gflops(model, params, predictor, coords, labels, boxes) -> dict:
     """XLA's GFLOPs of one multimask `predict_batch` call on these prompts: the decoder on the
-    padded prompts in one chunk (the CPU's chunks do the same work in a loop, whose body XLA's
-    count would take once) and the thresholded upsampling to the original size."""
+    padded prompts and the thresholded upsampling to the original size (`host.xla_flops`)."""
     from sam_jax.modeling import inference
     from sam_jax.prompts import bucket, prompt_counts, to_input_frame
 
     b, n = prompt_counts(coords, labels, boxes, None)
     padded = to_input_frame(predictor.transform, predictor.original_size, coords, labels, boxes, None,
                             bucket(b), bucket(n))
-    decode = lambda p, e, x: inference.decode_in_chunks(model, p, e, *x, chunk=bucket(b),
-                                                        image_pe=predictor.image_pe)
+    decode = lambda p, e, x: inference.decode_in_chunks(model, p, e, *x, image_pe=predictor.image_pe)
     low_res = jax.eval_shape(decode, params, predictor.features, padded)[0]
     upsample = lambda x: inference.upsample_masks(x, tuple(predictor.input_size), tuple(predictor.original_size),
                                                   model.config.image_size, model.config.mask_threshold)
     return {"decoder": xla_flops(decode, params, predictor.features, padded) / 1e9,
             "upsampling": xla_flops(upsample, low_res) / 1e9}
-
-
-def xla_flops(fn, *args) -> float:
-    """FLOPs in XLA's cost analysis of `fn` compiled for these arguments (or their shapes)."""
-    return compiled_flops(jax.jit(fn).lower(*args).compile())
 
 
 def torch_gflops(fn) -> float:

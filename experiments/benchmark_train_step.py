@@ -9,9 +9,9 @@ Times the step that `experiments.train` compiles for each phase of a config: "si
 loop's first iteration only, what `single_prompt_steps` train) and "full_loop" (all interactive
 iterations), one device, on a fixed batch shaped as the input pipeline yields it (rectangles as
 masks: a step's cost depends on shapes, not on the pixels). Steps feed their state on, as in
-training; compiling and the first call are not timed. FLOPs are XLA's cost analysis of the compiled
-step (the rematerialised forward passes included); the host's CPU model and fp32 matmul rate,
-measured in the same run, are recorded beside them. `--against` compiles a variant of the config
+training; compiling and the first call are not timed. FLOPs are XLA's cost analysis of the step
+(the rematerialised forward passes and every loop iteration included: `host.xla_flops`); the
+host's CPU model and fp32 matmul rate, measured in the same run, are recorded beside them. `--against` compiles a variant of the config
 too and alternates the two steps' timed calls, for changes smaller than the drift of a host's speed
 over minutes. Like `experiments.train`, it re-executes itself with glibc's huge-page malloc tunable.
 """
@@ -33,7 +33,7 @@ from experiments.benchmark_inference import timed_alternately
 from experiments.train import restart_with_huge_pages
 from experiments.train_configs import get_config
 from sam_jax.host import cpu_model, matmul_rate
-from sam_jax.training.loop import build_model, compile_step, initial_params
+from sam_jax.training.loop import build_model, initial_params, step_flops
 from sam_jax.training.train_step import create_train_state, make_train_step
 
 PHASES = ("single_prompt", "full_loop")
@@ -68,7 +68,7 @@ def train_batch(config, batch_size: int, seed: int = 0) -> dict:
 
 class PreparedStep(NamedTuple):
     run: Callable[[], dict]  # runs a step, feeding the state on as training does; returns its metrics when ready
-    flops: float  # XLA's count per step
+    flops: float  # XLA's count per step, every loop iteration counted (`loop.step_flops`)
     compile_s: float
     hlo: str  # the compiled step's optimised HLO (names and op_name metadata of what a trace shows)
 
@@ -81,8 +81,9 @@ def prepare_step(config, interactive, batch_size: int) -> PreparedStep:
     step = jax.jit(make_train_step(model, config.optimizer, interactive), donate_argnums=(0,))
     batch = jax.device_put(train_batch(config, batch_size))
     start = time.perf_counter()
-    compiled, flops = compile_step(step, state, batch)
+    compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
+    flops = step_flops(model, config.optimizer, interactive, state, batch)
     holder = {"state": state}
 
     def one_step() -> dict:

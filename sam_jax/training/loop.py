@@ -37,14 +37,16 @@ from sam_jax.clip import CLIP
 from sam_jax.clip.checkpoint import load_clip
 from sam_jax.data.pipeline import DEFAULT_DATA_DIR, InputPipeline, PipelineConfig, evaluation_batches, open_source
 from sam_jax.evaluation import point_protocol
-from sam_jax.host import compiled_flops, cpu_model, matmul_rate
+from sam_jax.host import cpu_model, matmul_rate, xla_flops
 from sam_jax.modeling import Sam
 from sam_jax.training import report
 from sam_jax.training.config import TrainConfig
+from sam_jax.training.interactive import InteractiveConfig
+from sam_jax.training.optimizer import OptimizerConfig
 from sam_jax.training.metrics_log import MetricsLog, eval_row, summarize_window
 from sam_jax.training.parallel import PARALLEL, gather_data_states
 from sam_jax.training.state_checkpoints import TrainStateCheckpointer
-from sam_jax.training.train_step import create_train_state
+from sam_jax.training.train_step import create_train_state, make_train_step
 from sam_jax.weights import init_params, load_params, save_params
 
 CONFIG_FILE = "config.json"
@@ -181,11 +183,14 @@ def evaluate(config: TrainConfig, model: Sam, params, eval_source, progress: boo
     return summary
 
 
-def compile_step(step, state, batch):
-    """Compiles the step ahead of time; returns it and the FLOPs XLA counts in one step (0 if unknown:
-    these include the rematerialised forward passes, so they exceed the model's own FLOPs)."""
-    compiled = step.lower(state, batch).compile()
-    return compiled, compiled_flops(compiled)
+def step_flops(model: Sam, optimizer_config: OptimizerConfig, interactive: InteractiveConfig, state, batch,
+               clip: Optional[CLIP] = None) -> float:
+    """XLA's FLOPs of one train step of a (host or abstract) state on the global batch `batch`
+    (arrays or shapes), all devices' work together; 0 if the backend counts none. They include
+    the forward passes that rematerialisation recomputes, so they exceed the model's own FLOPs,
+    and every iteration of the step's loops (`host.xla_flops`)."""
+    shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    return xla_flops(make_train_step(model, optimizer_config, interactive, clip=clip), shapes(state), shapes(batch))
 
 
 def train_and_evaluate(config: TrainConfig, workdir: Path, data_dir: str = DEFAULT_DATA_DIR,
@@ -201,15 +206,19 @@ def train_and_evaluate(config: TrainConfig, workdir: Path, data_dir: str = DEFAU
     model = build_model(config)
     clip, frozen = text_prompt_tower(config)
     state = create_train_state(initial_params(config, model), config.optimizer, config.model, config.seed, frozen)
-    parallel = PARALLEL[config.parallelism](jax.eval_shape(lambda: state))
+    state_shapes = jax.eval_shape(lambda: state)
+    parallel = PARALLEL[config.parallelism](state_shapes)
     compiled_steps: Dict[Any, Any] = {}  # InteractiveConfig -> (compiled step, XLA FLOPs per step)
 
-    def step_for(step_number: int, batch):
-        """The compiled step of the loop that step `step_number` trains (compiled on first use)."""
+    def step_for(step_number: int, global_batch, batch):
+        """The compiled step of the loop that step `step_number` trains (compiled on first use for
+        `batch`, the step's input, and its FLOPs counted on `global_batch`, the pipeline's)."""
         interactive = config.interactive_at(step_number)
         if interactive not in compiled_steps:
             step = parallel.train_step(model, config.optimizer, interactive, clip)
-            compiled_steps[interactive] = compile_step(step, state, batch)
+            compiled_steps[interactive] = (step.lower(state, batch).compile(),
+                                           step_flops(model, config.optimizer, interactive, state_shapes,
+                                                      global_batch, clip))
         return compiled_steps[interactive]
 
     pipeline = InputPipeline(train_source, PipelineConfig(
@@ -242,9 +251,10 @@ def train_and_evaluate(config: TrainConfig, workdir: Path, data_dir: str = DEFAU
     nonfinite_in_a_row = 0
     try:
         for step_number in range(start_step + 1, total + 1):
-            batch = parallel.batch(next(pipeline))
+            global_batch = next(pipeline)
+            batch = parallel.batch(global_batch)
             compile_start = time.perf_counter()
-            step, flops_per_step = step_for(step_number, batch)
+            step, flops_per_step = step_for(step_number, global_batch, batch)
             window_start += time.perf_counter() - compile_start  # compiling is not training throughput
             state, metrics = step(state, batch)
             metrics = parallel.metrics(metrics)
