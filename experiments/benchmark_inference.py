@@ -181,14 +181,18 @@ def bench_decoder(result, model, params, reference, repeats, chunks=()):
 
 def decoder_gflops(model, params, predictor, coords, labels, boxes) -> dict:
     """XLA's GFLOPs of one multimask `predict_batch` call on these prompts: the decoder on the
-    padded prompts and the thresholded upsampling to the original size (`host.xla_flops`)."""
+    padded prompts in one chunk and the thresholded upsampling to the original size. The CPU's
+    chunks run the same decoder in a loop, out of which XLA hoists the work on the image alone
+    (the first layer's image projections); counted on the chunks, that work would count once per
+    chunk (`host.xla_flops`)."""
     from sam_jax.modeling import inference
     from sam_jax.prompts import bucket, prompt_counts, to_input_frame
 
     b, n = prompt_counts(coords, labels, boxes, None)
     padded = to_input_frame(predictor.transform, predictor.original_size, coords, labels, boxes, None,
                             bucket(b), bucket(n))
-    decode = lambda p, e, x: inference.decode_in_chunks(model, p, e, *x, image_pe=predictor.image_pe)
+    decode = lambda p, e, x: inference.decode_in_chunks(model, p, e, *x, chunk=bucket(b),
+                                                        image_pe=predictor.image_pe)
     low_res = jax.eval_shape(decode, params, predictor.features, padded)[0]
     upsample = lambda x: inference.upsample_masks(x, tuple(predictor.input_size), tuple(predictor.original_size),
                                                   model.config.image_size, model.config.mask_threshold)

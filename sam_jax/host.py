@@ -50,8 +50,9 @@ def xla_flops(fn, *args) -> float:
     the trip count (the main job's full-loop step: 9.96 GFLOP counted so, 28.24 in full). Here
     XLA counts the program before its optimisations (lowered, not compiled: within a few per cent
     of the compiled count, without a compile) and each scan's body (nested ones included) is
-    counted once per iteration it runs. A `lax.while_loop` whose
-    trip count is not static stays counted once; a `lax.cond` counts as XLA counts it.
+    counted once per iteration it runs. So work that XLA would hoist out of a loop (a loop
+    invariant) counts once per iteration too. A `lax.while_loop` whose trip count is not static
+    stays counted once; a `lax.cond` counts as XLA counts it.
     """
     return _loop_aware_flops(jax.make_jaxpr(fn)(*args))
 
