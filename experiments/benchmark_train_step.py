@@ -11,9 +11,10 @@ iterations), one device, on a fixed batch shaped as the input pipeline yields it
 masks: a step's cost depends on shapes, not on the pixels). Steps feed their state on, as in
 training; compiling and the first call are not timed. FLOPs are XLA's cost analysis of the step
 (the rematerialised forward passes and every loop iteration included: `host.xla_flops`); the
-host's CPU model and fp32 matmul rate, measured in the same run, are recorded beside them. `--against` compiles a variant of the config
-too and alternates the two steps' timed calls, for changes smaller than the drift of a host's speed
-over minutes. Like `experiments.train`, it re-executes itself with glibc's huge-page malloc tunable.
+host's CPU model and fp32 matmul rate, measured in the same run, are recorded beside them.
+`--against` compiles a variant of the config too and alternates the two steps' timed calls, for
+changes smaller than the drift of a host's speed over minutes. Like `experiments.train`, it
+re-executes itself with glibc's huge-page malloc tunable.
 """
 
 from __future__ import annotations

@@ -42,8 +42,8 @@ from sam_jax.modeling import Sam
 from sam_jax.training import report
 from sam_jax.training.config import TrainConfig
 from sam_jax.training.interactive import InteractiveConfig
-from sam_jax.training.optimizer import OptimizerConfig
 from sam_jax.training.metrics_log import MetricsLog, eval_row, summarize_window
+from sam_jax.training.optimizer import OptimizerConfig
 from sam_jax.training.parallel import PARALLEL, gather_data_states
 from sam_jax.training.state_checkpoints import TrainStateCheckpointer
 from sam_jax.training.train_step import create_train_state, make_train_step
