@@ -48,9 +48,9 @@ def xla_flops(fn, *args) -> float:
     XLA's own count (`compiled.cost_analysis()`) takes a while loop's body once, so a step whose
     work sits in `lax.scan`, `lax.map`, `nn.scan` or a static `fori_loop` would be undercounted by
     the trip count (the main job's full-loop step: 9.96 GFLOP counted so, 28.24 in full). Here
-    XLA counts the program before its optimisations (lowered, not compiled: within a few per cent
-    of the compiled count, without a compile) and each scan's body (nested ones included) is
-    counted once per iteration it runs. So work that XLA would hoist out of a loop (a loop
+    XLA counts the program before its optimisations (lowered for the CPU, not compiled: within a
+    few per cent of the compiled count, without a compile) and each scan's body (nested ones
+    included) is counted once per iteration it runs. So work that XLA would hoist out of a loop (a loop
     invariant) counts once per iteration too. A `lax.while_loop` whose trip count is not static
     stays counted once; a `lax.cond` counts as XLA counts it.
     """
@@ -62,11 +62,14 @@ def _lowered_flops(closed_jaxpr) -> float:
     from jax.extend.core import jaxpr_as_fun
 
     shapes = [jax.ShapeDtypeStruct(aval.shape, aval.dtype) for aval in closed_jaxpr.in_avals]
-    lowered = jax.jit(jaxpr_as_fun(closed_jaxpr)).lower(*shapes)
+    program = jax.jit(jaxpr_as_fun(closed_jaxpr))
     try:
-        cost = lowered.cost_analysis()
-    except NotImplementedError:  # backends behind the PJRT C API count compiled programs only
-        cost = lowered.compile().cost_analysis()
+        # Backends behind the PJRT C API (GPU, TPU plugins) count compiled programs only; the CPU
+        # client counts a lowered one, so an accelerator host need not compile the step twice.
+        with jax.default_device(jax.devices("cpu")[0]):
+            cost = program.lower(*shapes).cost_analysis()
+    except (NotImplementedError, RuntimeError):  # no CPU client, or ops that lower only for the accelerator
+        cost = program.lower(*shapes).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float((cost or {}).get("flops", 0.0))
 
