@@ -14,6 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import jaxpr_as_fun, jaxprs_in_params
 
 
 def cpu_model() -> str:
@@ -50,17 +51,16 @@ def xla_flops(fn, *args) -> float:
     the trip count (the main job's full-loop step: 9.96 GFLOP counted so, 28.24 in full). Here
     XLA counts the program before its optimisations (lowered for the CPU, not compiled: within a
     few per cent of the compiled count, without a compile) and each scan's body (nested ones
-    included) is counted once per iteration it runs. So work that XLA would hoist out of a loop (a loop
-    invariant) counts once per iteration too. A `lax.while_loop` whose trip count is not static
-    stays counted once; a `lax.cond` counts as XLA counts it.
+    included) is counted once per iteration it runs. So work that XLA would hoist out of a loop
+    (a loop invariant) counts once per iteration too. A `lax.while_loop` whose trip count is not
+    static stays counted once; a `lax.cond` counts as XLA counts it.
     """
-    return _loop_aware_flops(jax.make_jaxpr(fn)(*args))
+    closed_jaxpr = jax.make_jaxpr(fn)(*args)
+    return _lowered_flops(closed_jaxpr) + _uncounted_iterations(closed_jaxpr.jaxpr)
 
 
 def _lowered_flops(closed_jaxpr) -> float:
     """XLA's FLOPs of a closed jaxpr lowered as its own program, loop bodies once."""
-    from jax.extend.core import jaxpr_as_fun
-
     shapes = [jax.ShapeDtypeStruct(aval.shape, aval.dtype) for aval in closed_jaxpr.in_avals]
     program = jax.jit(jaxpr_as_fun(closed_jaxpr))
     try:
@@ -85,8 +85,6 @@ def _bodies_counted(length: int, unroll: int) -> int:
 def _outer_scans(jaxpr):
     """The scan equations of a jaxpr that are not inside another scan, searched through
     sub-jaxprs (jit, remat, custom derivatives)."""
-    from jax.extend.core import jaxprs_in_params
-
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "scan":
             yield eqn
@@ -95,10 +93,12 @@ def _outer_scans(jaxpr):
                 yield from _outer_scans(getattr(sub, "jaxpr", sub))
 
 
-def _loop_aware_flops(closed_jaxpr) -> float:
-    total = _lowered_flops(closed_jaxpr)
-    for eqn in _outer_scans(closed_jaxpr.jaxpr):
+def _uncounted_iterations(jaxpr) -> float:
+    """The FLOPs that XLA's count of `jaxpr` leaves out: the iterations of its scans (and of the
+    scans nested in them) beyond the body copies the count takes. Each body is lowered once."""
+    uncounted = 0.0
+    for eqn in _outer_scans(jaxpr):
         body, length = eqn.params["jaxpr"], eqn.params["length"]
         counted = _bodies_counted(length, int(eqn.params["unroll"]))
-        total += length * _loop_aware_flops(body) - counted * _lowered_flops(body)
-    return total
+        uncounted += (length - counted) * _lowered_flops(body) + length * _uncounted_iterations(body.jaxpr)
+    return uncounted
